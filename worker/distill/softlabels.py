@@ -1,0 +1,198 @@
+"""The soft-label stage: run the teacher once, store its logits in shards, reload them as dense logits.
+
+Two storage formats, one `.npz` shard per `shard_size` rows (`np.savez`, plain arrays, never pickle):
+
+- `full`: `logits` (rows, C) fp16.
+- `topk`: `values` (rows, k) fp16, `indices` (rows, k) int32, `tail_logit` (rows,) fp32. The classes outside
+  the top k share the teacher's remaining probability mass uniformly:
+  `tail_logit = logsumexp(logits[not top-k]) - log(C - k)`, i.e. `log((1 - sum_topk p) / (C - k)) + lse`,
+  computed with a masked logsumexp instead of `1 - sum p` so it never cancels to log(0), and clamped to
+  `lse - 80` so it stays finite (k = C leaves no tail). Reconstructed logits put `tail_logit` on every
+  tail class: at T=1 the softmax of the reconstruction has exactly the teacher's top-k probabilities
+  (up to fp16 rounding of the values) and a uniform tail with the right total mass; at other temperatures
+  the tail is approximate because tempering a uniform tail is not tempering the true one.
+
+`manifest.json` records the teacher and dataset hashes, format, k, class count and, per split, its shards
+with their sha256. A shard is only reused when the manifest vouches for it, so an interrupted stage resumes
+at shard granularity and a changed teacher, dataset or format starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from worker.distill.errors import ConfigError, DatasetError, DistillError
+
+MANIFEST = "manifest.json"
+_TAIL_FLOOR = 80.0  # exp(-80) ~ 1e-35: no probability mass, still a finite fp32 logit
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One digest over several files (an ensemble teacher), order-sensitive like the ensemble."""
+    if len(paths) == 1:
+        return sha256_file(paths[0])
+    return hashlib.sha256("".join(sha256_file(p) for p in paths).encode()).hexdigest()
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _encode(logits: torch.Tensor, fmt: str, k: int) -> dict[str, np.ndarray]:
+    """logits (B, C) fp32 -> the arrays of one shard (see the module docstring)."""
+    if fmt == "full":
+        return {"logits": logits.to(torch.float16).cpu().numpy()}
+    values, indices = logits.topk(k, dim=1)
+    lse = torch.logsumexp(logits, dim=1)
+    tail = logits.scatter(1, indices, float("-inf"))
+    tail_lse = torch.logsumexp(tail, dim=1) - math.log(max(logits.shape[1] - k, 1))
+    tail_logit = torch.maximum(tail_lse, lse - _TAIL_FLOOR)
+    return {
+        "values": values.to(torch.float16).cpu().numpy(),
+        "indices": indices.to(torch.int32).cpu().numpy(),
+        "tail_logit": tail_logit.to(torch.float32).cpu().numpy(),
+    }
+
+
+def _decode(arrays: Any, num_classes: int) -> np.ndarray:
+    if "logits" in arrays:
+        return arrays["logits"].astype(np.float32)
+    values, indices, tail = arrays["values"], arrays["indices"], arrays["tail_logit"]
+    dense = np.repeat(tail.astype(np.float32)[:, None], num_classes, axis=1)
+    np.put_along_axis(dense, indices.astype(np.int64), values.astype(np.float32), axis=1)
+    return dense
+
+
+def _shard_ok(out_dir: Path, entry: dict[str, Any] | None, rows: int) -> bool:
+    if entry is None or entry.get("rows") != rows:
+        return False
+    path = out_dir / entry["name"]
+    return path.exists() and sha256_file(path) == entry["sha256"]
+
+
+def _teacher_fn(teacher: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    return teacher.logits if hasattr(teacher, "logits") else teacher
+
+
+def soft_label_stage(
+    teacher: Any,
+    x: np.ndarray | torch.Tensor,
+    out_dir: Path,
+    *,
+    split: str = "train",
+    fmt: str = "full",
+    k: int = 5,
+    shard_size: int = 8192,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+    y: np.ndarray | torch.Tensor | None = None,
+    teacher_sha256: str | None = None,
+    dataset_sha256: str | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Write `{split}-{i:05d}.npz` shards of the teacher's logits on `x` (N, *features) and update the manifest.
+
+    `teacher` is a `Teacher` (its `.logits`) or any callable (B, *features) -> (B, C) on the input as given
+    (preprocessing is the caller's). `y` (N,) int with -1 for unlabelled rows gives the teacher's accuracy.
+    Returns the whole manifest.
+    """
+    if fmt not in ("full", "topk"):
+        raise ConfigError(f"unknown soft-label format {fmt!r}; known: full, topk", field="soft_label_format")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    x_t = torch.as_tensor(x, dtype=torch.float32)
+    n = int(x_t.shape[0])
+    if n == 0:
+        raise DatasetError(f"split {split!r} has no rows to label")
+    logits_of = _teacher_fn(teacher)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            return logits_of(batch.to(device, non_blocking=True)).float()
+
+    num_classes = int(run(x_t[:1]).shape[1])
+    k_eff = min(k, num_classes) if fmt == "topk" else None
+    identity = {"teacher_sha256": teacher_sha256, "dataset_sha256": dataset_sha256, "format": fmt,
+                "k": k_eff, "num_classes": num_classes, "shard_size": shard_size}
+    manifest = read_manifest(out_dir)
+    if manifest is None or any(manifest.get(key) != value for key, value in identity.items()):
+        manifest = {**identity, "splits": {}}  # different inputs: nothing on disk can be trusted
+    old = manifest["splits"].get(split, {})
+    old_entries = {e["name"]: e for e in old.get("shards", [])} if old.get("rows") == n else {}
+    num_shards = max(1, math.ceil(n / shard_size))
+    shards: list[dict[str, Any]] = []
+    manifest["splits"][split] = {"rows": n, "shards": shards, "complete": False}
+
+    for i in range(num_shards):
+        lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
+        name = f"{split}-{i:05d}.npz"
+        entry = old_entries.get(name)
+        if not _shard_ok(out_dir, entry, hi - lo):
+            parts = [run(x_t[s : min(hi, s + batch_size)]) for s in range(lo, hi, batch_size)]
+            arrays = _encode(torch.cat(parts), fmt, k_eff or 0)
+            tmp = out_dir / f".{name}.tmp"
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+                np.savez(f, **arrays)
+            os.replace(tmp, out_dir / name)
+            entry = {"name": name, "rows": hi - lo, "sha256": sha256_file(out_dir / name)}
+        shards.append(entry)
+        _write_json_atomic(out_dir / MANIFEST, manifest)
+        if on_progress:
+            on_progress({"stage": "soft_label", "progress": (i + 1) / num_shards, "epoch": None,
+                         "metrics": {"split": split, "shard": i, "rows": hi}})
+
+    info = manifest["splits"][split]
+    info["complete"] = True
+    if y is not None:
+        y_np = np.asarray(y)
+        labelled = y_np >= 0
+        if labelled.any():
+            pred = load_soft_labels(out_dir, split, manifest=manifest).argmax(1).numpy()
+            info["teacher_accuracy"] = float((pred[labelled] == y_np[labelled]).mean())
+    _write_json_atomic(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def load_soft_labels(out_dir: Path, split: str, *, manifest: dict[str, Any] | None = None) -> torch.Tensor:
+    """The stored logits of `split` as a dense (N, C) float32 tensor (top-k shards reconstructed)."""
+    out_dir = Path(out_dir)
+    manifest = manifest or read_manifest(out_dir)
+    info = (manifest or {}).get("splits", {}).get(split)
+    if info is None or not info.get("complete"):
+        raise DistillError(f"no complete soft labels for split {split!r} in {out_dir}", code="missing_soft_labels")
+    parts = []
+    for entry in info["shards"]:
+        with np.load(out_dir / entry["name"], allow_pickle=False) as arrays:
+            parts.append(_decode(arrays, manifest["num_classes"]))
+    dense = np.concatenate(parts) if parts else np.zeros((0, manifest["num_classes"]), np.float32)
+    if dense.shape[0] != info["rows"]:
+        raise DistillError(f"soft labels for {split!r} have {dense.shape[0]} rows, manifest says {info['rows']}",
+                           code="corrupt_soft_labels")
+    return torch.from_numpy(dense)
