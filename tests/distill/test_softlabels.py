@@ -103,8 +103,9 @@ def test_a_tampered_shard_or_a_different_teacher_is_recomputed(tmp_path, data):
     other = CountingTeacher(seed=1)
     run(other, x, tmp_path, teacher_sha256="b")
     assert other.rows == 1 + 50
-    torch.testing.assert_close(load_soft_labels(tmp_path, "train"), torch.from_numpy(x) @ other.w,
-                               atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(
+        load_soft_labels(tmp_path, "train"), torch.from_numpy(x) @ other.w, atol=1e-2, rtol=1e-3
+    )
 
 
 def test_splits_share_one_manifest(tmp_path, data):

@@ -116,7 +116,7 @@ def soft_label_stage(
     dataset_sha256: str | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Write `{split}-{i:05d}.npz` shards of the teacher's logits on `x` (N, *features) and update the manifest.
+    """Write `{split}-{i:05d}.npz` shards of the teacher's logits on `x` (N, *features); update the manifest.
 
     `teacher` is a `Teacher` (its `.logits`) or any callable (B, *features) -> (B, C) on the input as given
     (preprocessing is the caller's). `y` (N,) int with -1 for unlabelled rows gives the teacher's accuracy.
@@ -139,8 +139,14 @@ def soft_label_stage(
 
     num_classes = int(run(x_t[:1]).shape[1])
     k_eff = min(k, num_classes) if fmt == "topk" else None
-    identity = {"teacher_sha256": teacher_sha256, "dataset_sha256": dataset_sha256, "format": fmt,
-                "k": k_eff, "num_classes": num_classes, "shard_size": shard_size}
+    identity = {
+        "teacher_sha256": teacher_sha256,
+        "dataset_sha256": dataset_sha256,
+        "format": fmt,
+        "k": k_eff,
+        "num_classes": num_classes,
+        "shard_size": shard_size,
+    }
     manifest = read_manifest(out_dir)
     if manifest is None or any(manifest.get(key) != value for key, value in identity.items()):
         manifest = {**identity, "splits": {}}  # different inputs: nothing on disk can be trusted
@@ -165,8 +171,14 @@ def soft_label_stage(
         shards.append(entry)
         _write_json_atomic(out_dir / MANIFEST, manifest)
         if on_progress:
-            on_progress({"stage": "soft_label", "progress": (i + 1) / num_shards, "epoch": None,
-                         "metrics": {"split": split, "shard": i, "rows": hi}})
+            on_progress(
+                {
+                    "stage": "soft_label",
+                    "progress": (i + 1) / num_shards,
+                    "epoch": None,
+                    "metrics": {"split": split, "shard": i, "rows": hi},
+                }
+            )
 
     info = manifest["splits"][split]
     info["complete"] = True
@@ -186,13 +198,17 @@ def load_soft_labels(out_dir: Path, split: str, *, manifest: dict[str, Any] | No
     manifest = manifest or read_manifest(out_dir)
     info = (manifest or {}).get("splits", {}).get(split)
     if info is None or not info.get("complete"):
-        raise DistillError(f"no complete soft labels for split {split!r} in {out_dir}", code="missing_soft_labels")
+        raise DistillError(
+            f"no complete soft labels for split {split!r} in {out_dir}", code="missing_soft_labels"
+        )
     parts = []
     for entry in info["shards"]:
         with np.load(out_dir / entry["name"], allow_pickle=False) as arrays:
             parts.append(_decode(arrays, manifest["num_classes"]))
     dense = np.concatenate(parts) if parts else np.zeros((0, manifest["num_classes"]), np.float32)
     if dense.shape[0] != info["rows"]:
-        raise DistillError(f"soft labels for {split!r} have {dense.shape[0]} rows, manifest says {info['rows']}",
-                           code="corrupt_soft_labels")
+        raise DistillError(
+            f"soft labels for {split!r} have {dense.shape[0]} rows, manifest says {info['rows']}",
+            code="corrupt_soft_labels",
+        )
     return torch.from_numpy(dense)
