@@ -1,0 +1,76 @@
+"""The one Settings class: the only place that reads the environment (prefix `DISTILL_`).
+
+Outside development it fails fast on placeholder secrets, so a forgotten `changeme` never reaches production.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = frozenset(
+    {"changeme", "change-me", "change_me", "placeholder", "secret", "password", "xxx"}
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILL_", env_file=None, extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+    # Embedded default: everything under ./.distill; production sets Postgres, Redis and S3 URLs.
+    data_dir: Path = Path("./.distill")
+    database_url: str = "sqlite:///./.distill/distill.db"
+    database_pool_size: int = Field(default=10, ge=1)
+    broker_url: str = "filesystem://"  # a Celery transport that needs no server; Redis in production
+    broker_folder: Path = Path("./.distill/broker")
+
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_path: Path = Path("./.distill/objects")
+    s3_bucket: str = "distill"
+    s3_endpoint_url: str | None = None  # MinIO: http://minio:9000
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    # Artifact downloads answer 307 to a short-lived presigned GET instead of proxying the bytes.
+    s3_presign_downloads: bool = False
+    presign_expires_s: int = Field(default=300, ge=1, le=3600)
+
+    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
+    upload_chunk_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Authenticated keys are remembered this long per process; a revoked key stops working within it.
+    key_cache_ttl_s: float = Field(default=30.0, ge=0)
+    worker_lease_s: int = Field(default=120, ge=5)
+    max_attempts: int = Field(default=3, ge=1)
+    readiness_timeout_s: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        if self.environment == "development":
+            return self
+        secrets = {
+            "DISTILL_S3_SECRET_ACCESS_KEY": self.s3_secret_access_key,
+            "DISTILL_DATABASE_URL password": urlsplit(self.database_url).password,
+            "DISTILL_BROKER_URL password": urlsplit(self.broker_url).password,
+        }
+        bad = [
+            name
+            for name, value in secrets.items()
+            if value is not None and value.lower() in PLACEHOLDER_SECRETS
+        ]
+        if bad:
+            raise ValueError(f"placeholder secret in {', '.join(bad)} outside development; set a real one")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
