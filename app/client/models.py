@@ -1,0 +1,91 @@
+"""Typed views of the API's JSON (docs/architecture.md, "HTTP API (v1)").
+
+Each keeps the full answer in `raw`, so a field the server adds later is still reachable without a release.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    id: str
+    purpose: str
+    filename: str
+    size: int
+    sha256: str
+    created_at: str
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FileInfo:
+        return cls(id=d["id"], purpose=d.get("purpose", ""), filename=d.get("filename", ""),
+                   size=int(d.get("size") or 0), sha256=d.get("sha256", ""),
+                   created_at=d.get("created_at", ""), raw=d)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    status: str
+    stage: str | None
+    progress: float
+    epoch: int | None
+    metrics: dict[str, Any]
+    error: dict[str, Any] | None
+    config: dict[str, Any]
+    metadata: dict[str, Any]
+    created_at: str
+    updated_at: str
+    timestamps: dict[str, str]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL_STATES
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Job:
+        return cls(
+            id=d["id"], status=d["status"], stage=d.get("stage"), progress=float(d.get("progress") or 0.0),
+            epoch=d.get("epoch"), metrics=d.get("metrics") or {}, error=d.get("error"),
+            config=d.get("config") or {}, metadata=d.get("metadata") or {},
+            created_at=d.get("created_at", ""), updated_at=d.get("updated_at", ""),
+            timestamps=d.get("timestamps") or {}, raw=d,
+        )
+
+
+@dataclass(frozen=True)
+class JobPage:
+    data: list[Job]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    kind: str
+    data: dict[str, Any]
+    created_at: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Event:
+        return cls(seq=int(d["seq"]), kind=d["kind"], data=d.get("data") or {},
+                   created_at=d.get("created_at", ""))
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    size: int
+    sha256: str
+    content_type: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Artifact:
+        return cls(name=d["name"], size=int(d.get("size") or 0), sha256=d.get("sha256", ""),
+                   content_type=d.get("content_type", "application/octet-stream"))

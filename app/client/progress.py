@@ -1,0 +1,55 @@
+"""The terminal progress bar `Client.wait` shows: stage, epoch, validation accuracy and tqdm's ETA.
+
+Progress is drawn per stage (the bar restarts when the stage changes) because the server reports a stage's
+own 0..1 fraction, and an ETA across stages of very different speed would mislead.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+from app.client.models import Job
+
+ACCURACY_KEYS = ("val_accuracy", "val_acc", "accuracy")
+
+
+def val_accuracy(metrics: dict[str, Any]) -> float | None:
+    for key in ACCURACY_KEYS:
+        if isinstance(metrics.get(key), (int, float)):
+            return float(metrics[key])
+    return None
+
+
+class ProgressPrinter:
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.stage: str | None = None
+        self.bar: tqdm | None = None
+
+    def update(self, job: Job) -> None:
+        stage = job.stage or job.status
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=100, desc=f"{job.id} {stage}", unit="%", file=sys.stderr, leave=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+        assert self.bar is not None
+        self.bar.n = round(100 * min(max(job.progress, 0.0), 1.0), 1)
+        postfix = {}
+        if job.epoch is not None:
+            postfix["epoch"] = job.epoch
+        acc = val_accuracy(job.metrics)
+        if acc is not None:
+            postfix["val_acc"] = f"{acc:.3f}"
+        if job.done:
+            postfix["status"] = job.status
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
