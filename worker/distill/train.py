@@ -1,0 +1,333 @@
+"""The training loop: one function, read top to bottom. Distillation, hard-label baselines and fine-tuning.
+
+The data is held on the device when it fits and batches are cut from a seeded permutation: no DataLoader,
+no worker processes, no per-batch host copies. That is what makes distilling from cached logits as fast as a
+hand-written loop. A checkpoint per epoch holds everything the next epoch depends on (weights, optimizer,
+schedule, every RNG, the best weights so far, the history), so a run stopped after epoch k and resumed ends
+with the same weights, bit for bit on CPU, as a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from worker.distill.checkpoints import capture_rng, load_latest_checkpoint, restore_rng, save_checkpoint
+from worker.distill.errors import ConfigError
+from worker.distill.losses import METHODS, LossFn, hard_label_ce
+
+STOP_CHECK_SECONDS = 5.0  # how often a running epoch asks `stop()`; the service's hook may query a database
+EVAL_BATCH = 1024
+
+
+@dataclass
+class TensorData:
+    """Rows ready for the student. x: preprocessed float32 (N, ...); y: int64 (N,), -1 for an unlabelled row;
+    teacher_logits: (N, C) float32 or float16 for the same rows, or None."""
+
+    x: Tensor
+    y: Tensor
+    teacher_logits: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.y >= 0).any())
+
+    def subset(self, index: Tensor) -> TensorData:
+        t = None if self.teacher_logits is None else self.teacher_logits[index]
+        return TensorData(self.x[index], self.y[index], t)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]  # one on_epoch record per epoch
+    best_epoch: int  # the epoch whose weights the student holds now
+    best_metric: float | None
+    metric: str  # what "best" means: "val_acc", "agreement", or "last" (nothing to validate on)
+    resumed_from: int | None = None  # the checkpoint epoch this call started from
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stopped(Exception):  # noqa: N818 - reads as "training stopped", raised on request, not a fault
+    """`stop()` returned True; the last completed epoch is checkpointed and the run can resume from it."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"training stopped on request after epoch {epoch}")
+        self.epoch = epoch
+
+
+def train(
+    student: nn.Module,
+    train_data: TensorData,
+    val_data: TensorData | None,
+    loss_fn: str | LossFn | None,
+    config: Any,
+    *,
+    teacher_logits: Tensor | None = None,
+    ckpt_dir: Path | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    device: str | torch.device | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train `student` in place and leave it holding its best-on-validation weights.
+
+    loss_fn: a `METHODS` name or function (distillation, needs teacher logits), or None for plain
+      cross-entropy on the labelled rows only (the baseline and the fine-tuning epochs).
+    config: a `DistillConfig` (or anything with its fields); `temperature`/`alpha` must be resolved numbers.
+    teacher_logits: the train rows' logits, if not in `train_data`. `epochs`/`lr` override the config's.
+    ckpt_dir: one folder per run; a valid checkpoint there from the same settings is resumed.
+    stop: polled each epoch and every few seconds; True -> raise `Stopped` (last epoch checkpoint kept).
+    """
+    started = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    epochs = epochs or config.epochs
+    lr = lr or config.lr
+    distilling = loss_fn is not None
+    method = loss_fn if isinstance(loss_fn, str) else getattr(loss_fn, "__name__", "hard_label_ce")
+    if isinstance(loss_fn, str):
+        loss_fn = METHODS.get(loss_fn)
+
+    x, y = train_data.x, train_data.y
+    targets = teacher_logits if teacher_logits is not None else train_data.teacher_logits
+    if distilling:
+        temperature, alpha = _resolved(config)
+        if targets is None:
+            raise ConfigError(f"method {method!r} needs teacher logits for the training rows", field="method")
+    else:
+        # Training alone means the labelled rows only: an unlabelled row would be a wasted forward pass.
+        labelled = (y >= 0).nonzero().squeeze(1)
+        if len(labelled) == 0:
+            raise ConfigError("no labelled training rows to train on with hard labels", field="dataset")
+        x, y, targets, temperature, alpha = x[labelled], y[labelled], None, None, None
+
+    # Hold everything on the device when it fits: indexing on-device beats any loader.
+    on_device = _fits_on(device, x, y, targets)
+    if on_device:
+        x, y = x.to(device), y.to(device)
+        targets = None if targets is None else targets.to(device)
+    val = _to_device(val_data, device)
+
+    n, batch_size = len(y), config.batch_size
+    # A last batch of one row would break BatchNorm; it is skipped (a different row each epoch).
+    steps_per_epoch = max(1, n // batch_size + (1 if n % batch_size > 1 else 0))
+    torch.manual_seed(config.seed)  # dropout, and anything else random inside a step
+    order = torch.Generator().manual_seed(config.seed)  # the epoch permutations, on CPU for portability
+    student.to(device)
+    optimizer = _optimizer(student, config, lr)
+    scheduler = _scheduler(optimizer, config.schedule, lr, epochs * steps_per_epoch)
+    params = dict(config.method_params) if distilling else {}
+    run = {
+        "method": method,
+        "temperature": temperature,
+        "alpha": alpha,
+        "params": params,
+        "epochs": epochs,
+        "lr": lr,
+        "rows": n,
+        **{k: getattr(config, k) for k in _TRAJECTORY_FIELDS},
+    }
+
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"epoch": 0, "metric": None, "state": None}
+    start_epoch, resumed_from = 0, None
+    checkpoint = load_latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    if checkpoint is not None and checkpoint.get("run") == run:
+        student.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        restore_rng(checkpoint["rng"], order)
+        history, best = checkpoint["history"], checkpoint["best"]
+        start_epoch = resumed_from = checkpoint["epoch"]
+    # A checkpoint from other settings belongs to another run: start over (and overwrite it as we go).
+
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    metric_name = (
+        "val_acc"
+        if val is not None and val.has_labels
+        else ("agreement" if val is not None and val.teacher_logits is not None else "last")
+    )
+    for epoch in range(start_epoch + 1, epochs + 1):
+        epoch_started = last_stop_check = time.perf_counter()
+        student.train()
+        perm = torch.randperm(n, generator=order)
+        perm = perm.to(device) if on_device else perm
+        # Running sums stay on the device: a .item() per step would stall a GPU every batch.
+        sums: dict[str, Tensor] = {}
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        n_labelled = torch.zeros((), dtype=torch.long, device=device)
+        for step in range(steps_per_epoch):
+            index = perm[step * batch_size : (step + 1) * batch_size]
+            xb, yb = x[index].to(device, non_blocking=True), y[index].to(device, non_blocking=True)
+            with autocast:
+                logits = student(xb)
+            if distilling:
+                tb = targets[index].to(device, non_blocking=True)
+                loss, parts = loss_fn(logits, tb, yb, temperature=temperature, alpha=alpha, **params)
+            else:
+                loss = hard_label_ce(logits, yb)
+                parts = {"ce": loss.detach()}
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+
+            for name, value in {"loss": loss.detach(), **parts}.items():
+                sums[name] = sums[name] + value if name in sums else value.float()
+            correct += (logits.detach().argmax(-1) == yb).sum()
+            n_labelled += (yb >= 0).sum()
+            if stop is not None and time.perf_counter() - last_stop_check > STOP_CHECK_SECONDS:
+                last_stop_check = time.perf_counter()
+                if stop():
+                    raise Stopped(epoch - 1)  # this epoch is lost; the last checkpoint is exact
+
+        record: dict[str, Any] = {"epoch": epoch}
+        record.update({name: value.item() / steps_per_epoch for name, value in sums.items()})
+        record["train_acc"] = correct.item() / n_labelled.item() if n_labelled.item() else None
+        record.update(
+            evaluate(student, val, autocast) if val is not None else {"val_acc": None, "agreement": None}
+        )
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        record["seconds"] = time.perf_counter() - epoch_started
+        history.append(record)
+
+        metric = record[metric_name] if metric_name != "last" else None
+        if metric_name == "last" or best["metric"] is None or metric > best["metric"]:
+            best = {"epoch": epoch, "metric": metric, "state": _cpu_copy(student.state_dict())}
+        if ckpt_dir is not None:
+            save_checkpoint(
+                ckpt_dir,
+                epoch,
+                {
+                    "format": 1,
+                    "epoch": epoch,
+                    "run": run,
+                    "model": student.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": capture_rng(order),
+                    "best": best,
+                    "history": history,
+                    "config": _config_dict(config),
+                },
+            )
+        if on_epoch is not None:
+            on_epoch(dict(record))
+        if stop is not None and epoch < epochs and stop():
+            raise Stopped(epoch)
+
+    if best["state"] is not None:
+        student.load_state_dict(best["state"])
+    return TrainResult(
+        history=history,
+        best_epoch=best["epoch"],
+        best_metric=best["metric"],
+        metric=metric_name,
+        resumed_from=resumed_from,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@torch.inference_mode()
+def evaluate(student: nn.Module, data: TensorData, autocast: Any = None) -> dict[str, float | None]:
+    """Accuracy on the labelled rows and top-1 agreement with the teacher (None where not measurable)."""
+    was_training = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    correct = agree = n_labelled = 0
+    for start in range(0, len(data), EVAL_BATCH):
+        rows = slice(start, start + EVAL_BATCH)
+        with autocast or contextlib.nullcontext():
+            predicted = student(data.x[rows].to(device)).argmax(-1).cpu()
+        y = data.y[rows].cpu()
+        correct += int(((predicted == y) & (y >= 0)).sum())
+        n_labelled += int((y >= 0).sum())
+        if data.teacher_logits is not None:
+            agree += int((predicted == data.teacher_logits[rows].argmax(-1).cpu()).sum())
+    student.train(was_training)
+    return {
+        "val_acc": correct / n_labelled if n_labelled else None,
+        "agreement": agree / len(data) if data.teacher_logits is not None and len(data) else None,
+    }
+
+
+# The config fields that change the trajectory: a checkpoint only resumes a run that agrees on all of them.
+_TRAJECTORY_FIELDS = ("batch_size", "optimizer", "schedule", "weight_decay", "grad_clip", "seed")
+
+
+def _resolved(config: Any) -> tuple[float, float]:
+    if config.temperature == "auto" or config.alpha == "auto":
+        raise ConfigError(
+            "temperature and alpha must be chosen (autotune) before training", field="temperature"
+        )
+    return float(config.temperature), float(config.alpha)
+
+
+def _optimizer(student: nn.Module, config: Any, lr: float) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+        )
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=config.weight_decay)
+    raise ConfigError(f"unknown optimizer {config.optimizer!r}; known: adamw, sgd", field="optimizer")
+
+
+def _constant(step: int) -> float:
+    return 1.0
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int) -> Any:
+    """Stepped once per batch, so short runs still anneal smoothly."""
+    sched = torch.optim.lr_scheduler
+    if schedule == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if schedule == "onecycle":
+        return sched.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
+    if schedule == "constant":
+        return sched.LambdaLR(optimizer, _constant)
+    raise ConfigError(f"unknown schedule {schedule!r}; known: constant, cosine, onecycle", field="schedule")
+
+
+def _fits_on(device: torch.device, *tensors: Tensor | None) -> bool:
+    if device.type != "cuda":
+        return True
+    needed = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    free, _ = torch.cuda.mem_get_info(device)
+    return needed < free // 2  # leave half for activations, weights and the optimizer
+
+
+def _to_device(data: TensorData | None, device: torch.device) -> TensorData | None:
+    if data is None or len(data) == 0:
+        return None
+    if not _fits_on(device, data.x):
+        return data  # evaluate() moves each batch
+    t = None if data.teacher_logits is None else data.teacher_logits.to(device)
+    return TensorData(data.x.to(device), data.y.to(device), t)
+
+
+def _cpu_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
