@@ -1,0 +1,55 @@
+// The job list: newest first, refreshed every few seconds while any job on screen is still running.
+"use strict";
+(() => {
+  const { api, el, fmt, TERMINAL, showError } = Distill;
+  let cursor = null;
+  let shown = [];
+
+  function bar(pct) {
+    const fill = el("div");
+    fill.style.width = `${pct}%`;  // CSSOM, since the page's CSP refuses style attributes
+    return el("div", { class: "progress small" }, fill);
+  }
+
+  function row(job) {
+    const pct = Math.round(100 * (job.progress || 0));
+    return el("tr", { "data-job-id": job.id },
+      el("td", {}, el("a", { href: `/ui/jobs/${encodeURIComponent(job.id)}`, text: job.id })),
+      el("td", {}, el("span", { class: `badge ${job.status}`, text: job.status })),
+      el("td", { text: job.stage || "" }),
+      el("td", {}, bar(pct), `${pct}%`),
+      el("td", { text: (job.config && job.config.student) || "" }),
+      el("td", { text: fmt.time(job.created_at) }));
+  }
+
+  function render() {
+    document.querySelector("#jobs tbody").replaceChildren(...shown.map(row));
+    document.getElementById("jobs-empty").hidden = shown.length > 0;
+    document.getElementById("more").hidden = !cursor;
+  }
+
+  async function refresh() {
+    try {
+      const page = await api(`/v1/jobs?limit=25`);
+      const older = shown.slice(page.data.length).filter((j) => !page.data.some((p) => p.id === j.id));
+      shown = page.data.concat(older);
+      if (cursor === null || !older.length) cursor = page.next_cursor;
+      render();
+      showError("error", "");
+      if (shown.some((j) => !TERMINAL.has(j.status))) setTimeout(refresh, 3000);
+    } catch (err) {
+      showError("error", err);
+      if (err.status !== 401) setTimeout(refresh, 6000);
+    }
+  }
+
+  document.getElementById("more").addEventListener("click", async () => {
+    try {
+      const page = await api(`/v1/jobs?limit=25&cursor=${encodeURIComponent(cursor)}`);
+      shown = shown.concat(page.data);
+      cursor = page.next_cursor;
+      render();
+    } catch (err) { showError("error", err); }
+  });
+  refresh();
+})();
