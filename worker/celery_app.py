@@ -6,54 +6,42 @@ acts: a task does nothing until it wins `claim_stage`, so a second delivery is a
 
 Broker: Redis in production (`DISTILL_BROKER_URL=redis://...`). The embedded default needs no server: the
 SQLAlchemy transport over a SQLite file, whose reads take a write lock (`BEGIN IMMEDIATE`), so the API and
-worker processes can share it. The filesystem transport is accepted too but is not the default: its
-consumer can pick up a message file its producer is still writing.
+worker processes can share it (the filesystem transport is not: its consumer can pick up a message file the
+producer is still writing). Names and the producer's settings are shared with the API in `app/queue.py`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from kombu import Queue
 
 from app.config import Settings, get_settings
+from app.queue import DISTILL_QUEUE, SOFT_LABEL_QUEUE, TASK_DISTILL, TASK_SOFT_LABEL, celery_config
 
-SOFT_LABEL_QUEUE = "soft_label"
-DISTILL_QUEUE = "distill"
 QUEUES = (SOFT_LABEL_QUEUE, DISTILL_QUEUE)
-TASK_ROUTES = {"distill.soft_label": {"queue": SOFT_LABEL_QUEUE}, "distill.distill": {"queue": DISTILL_QUEUE}}
-# A Redis message not acked within this long is handed to another worker. Jobs run longer than that; the
+TASK_ROUTES = {TASK_SOFT_LABEL: {"queue": SOFT_LABEL_QUEUE}, TASK_DISTILL: {"queue": DISTILL_QUEUE}}
+# A Redis message not acked within this long is handed to another worker. Jobs may run longer; the
 # redelivery then loses `claim_stage` while the first worker's lease is alive, and acks as a no-op.
 REDIS_VISIBILITY_TIMEOUT_S = 6 * 3600
 
 
-def embedded_broker_url(data_dir: Path) -> str:
-    return f"sqla+sqlite:///{(data_dir / 'broker.sqlite').resolve()}"
-
-
-def transport_options(settings: Settings) -> dict[str, Any]:
-    url = settings.broker_url
-    if url.startswith(("redis://", "rediss://")):
-        return {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
-    if url.startswith(("sqla+", "sqlalchemy+")):
-        # The transport creates its tables itself; the file's folder must exist first.
-        if url.startswith(("sqla+sqlite:///", "sqlalchemy+sqlite:///")):
-            Path(url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-        return {"polling_interval": 0.5}
-    if url.startswith("filesystem://"):
-        folder, control = settings.broker_folder / "messages", settings.broker_folder / "control"
-        for path in (folder, control):
-            path.mkdir(parents=True, exist_ok=True)
-        return {"data_folder_in": str(folder), "data_folder_out": str(folder), "control_folder": str(control),
-                "polling_interval": 0.5}
-    return {}
+def consumer_transport_options(settings: Settings, producer_options: dict[str, Any]) -> dict[str, Any]:
+    """The producer's options (same folders, same files) plus what only a consumer uses."""
+    options = dict(producer_options)
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        options["visibility_timeout"] = REDIS_VISIBILITY_TIMEOUT_S
+    elif not settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        options["polling_interval"] = 0.5  # virtual transports poll; 1 s default adds latency per stage
+    return options
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    celery = Celery("distill", broker=settings.broker_url, include=["worker.tasks"])
+    shared = celery_config(settings)
+    celery = Celery("distill", include=["worker.tasks"])
+    celery.conf.update(shared)
     celery.conf.update(
         # Never pickle: a message body is data, not code.
         task_serializer="json",
@@ -68,8 +56,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_queues=[Queue(name, routing_key=name) for name in QUEUES],
         task_default_queue=DISTILL_QUEUE,
         task_routes=TASK_ROUTES,
-        broker_transport_options=transport_options(settings),
-        broker_connection_retry_on_startup=True,
+        broker_transport_options=consumer_transport_options(settings, shared["broker_transport_options"]),
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )

@@ -28,8 +28,21 @@ Step = Callable[[Path, dict[str, Any], Callable[[dict[str, Any]], None]], Any]
 StopReason = Callable[[], str | None]
 
 # Only what a Python/PyTorch process needs to run; everything else (DISTILL_*, AWS_*, tokens) stays behind.
-SAFE_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "USER", "LOGNAME",
-                            "PYTHONHASHSEED", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"})
+SAFE_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "USER",
+        "LOGNAME",
+        "PYTHONHASHSEED",
+        "PYTHONUNBUFFERED",
+        "PYTHONDONTWRITEBYTECODE",
+    }
+)
 SAFE_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "PYTORCH_")
 MAX_MESSAGE_BYTES = 1 << 20
 CLONE_NEWNET = 0x40000000
@@ -81,10 +94,17 @@ def _scrubbed_environ() -> Iterator[None]:
             os.environ.update(saved)
 
 
-def run_steps(steps: Sequence[tuple[str, Step]], work: Path, config: dict[str, Any], *,
-              on_message: Callable[[dict[str, Any]], None], should_stop: StopReason,
-              stop_check_interval: float = 1.0, stop_grace: float = 5.0,
-              isolate_network: bool = True) -> dict[str, Any]:
+def run_steps(
+    steps: Sequence[tuple[str, Step]],
+    work: Path,
+    config: dict[str, Any],
+    *,
+    on_message: Callable[[dict[str, Any]], None],
+    should_stop: StopReason,
+    stop_check_interval: float = 1.0,
+    stop_grace: float = 5.0,
+    isolate_network: bool = True,
+) -> dict[str, Any]:
     """Run `steps` in order in one child process; return `{step name: result}`.
 
     `on_message` gets `{"type": "stage", "name"}` when a step starts and `{"type": "progress", "event"}`
@@ -94,8 +114,12 @@ def run_steps(steps: Sequence[tuple[str, Step]], work: Path, config: dict[str, A
     """
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, name="distill-stage", daemon=True,
-                       args=(sender, list(steps), str(work), config, isolate_network))
+    proc = ctx.Process(
+        target=_child_main,
+        name="distill-stage",
+        daemon=True,
+        args=(sender, list(steps), str(work), config, isolate_network),
+    )
     with _scrubbed_environ():
         proc.start()
     sender.close()  # so that the child's death reads as EOF here
@@ -141,11 +165,16 @@ def _crash(exitcode: int | None) -> StageCrashed:
     if exitcode is not None and exitcode < 0:
         sig = signal.Signals(-exitcode).name
         if -exitcode == signal.SIGKILL:
-            return StageCrashed("stage_killed", "the stage process was killed (SIGKILL), most often by the "
-                                "kernel's out-of-memory killer: try a smaller batch_size or student", exitcode)
+            return StageCrashed(
+                "stage_killed",
+                "the stage process was killed (SIGKILL), most often by the "
+                "kernel's out-of-memory killer: try a smaller batch_size or student",
+                exitcode,
+            )
         return StageCrashed("stage_crashed", f"the stage process died from signal {sig}", exitcode)
-    return StageCrashed("stage_crashed", f"the stage process exited with status {exitcode} without a result",
-                        exitcode)
+    return StageCrashed(
+        "stage_crashed", f"the stage process exited with status {exitcode} without a result", exitcode
+    )
 
 
 def _stop(proc: multiprocessing.process.BaseProcess, grace: float) -> None:
@@ -163,8 +192,9 @@ def _isolate_network() -> bool:
     return libc.unshare(CLONE_NEWNET) == 0 or libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0
 
 
-def _child_main(conn: Any, steps: list[tuple[str, Step]], work: str, config: dict[str, Any],
-                isolate_network: bool) -> None:
+def _child_main(
+    conn: Any, steps: list[tuple[str, Step]], work: str, config: dict[str, Any], isolate_network: bool
+) -> None:
     def send(msg: dict[str, Any]) -> None:
         conn.send_bytes(json.dumps(msg, default=str).encode())
 
@@ -178,10 +208,21 @@ def _child_main(conn: Any, steps: list[tuple[str, Step]], work: str, config: dic
     except DistillError as exc:
         send({"type": "error", **exc.to_dict()})
     except MemoryError:
-        send({"type": "exception", "code": "out_of_memory",
-              "message": "the stage ran out of memory: try a smaller batch_size or student"})
+        send(
+            {
+                "type": "exception",
+                "code": "out_of_memory",
+                "message": "the stage ran out of memory: try a smaller batch_size or student",
+            }
+        )
     except Exception as exc:  # anything else is reported, with its traceback, as one failed stage
-        send({"type": "exception", "code": "stage_error", "message": f"{type(exc).__name__}: {exc}",
-              "traceback": traceback.format_exc()})
+        send(
+            {
+                "type": "exception",
+                "code": "stage_error",
+                "message": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            }
+        )
     finally:
         conn.close()

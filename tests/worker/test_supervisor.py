@@ -1,4 +1,4 @@
-"""The stage supervisor: a child that crashes, hangs, fails or misbehaves costs one attempt, not the worker."""
+"""The stage supervisor: a child that crashes, hangs or fails costs one attempt, not the worker."""
 
 from __future__ import annotations
 
@@ -67,7 +67,9 @@ def try_network(work: Path, config: dict, on_progress) -> str:
 
 def run(steps, tmp_path, config=None, should_stop=lambda: None, **kw):
     messages: list[dict] = []
-    result = run_steps(steps, tmp_path, config or {}, on_message=messages.append, should_stop=should_stop, **kw)
+    result = run_steps(
+        steps, tmp_path, config or {}, on_message=messages.append, should_stop=should_stop, **kw
+    )
     return result, messages
 
 
@@ -79,8 +81,9 @@ def test_steps_run_in_order_in_another_process_and_report_progress(tmp_path):
     assert [m["event"]["epoch"] for m in messages if m["type"] == "progress"] == [0, 1, 2]
 
 
-@pytest.mark.parametrize(("step", "code", "exitcode"), [(sigkill_self, "stage_killed", -9),
-                                                        (hard_exit, "stage_crashed", 3)])
+@pytest.mark.parametrize(
+    ("step", "code", "exitcode"), [(sigkill_self, "stage_killed", -9), (hard_exit, "stage_crashed", 3)]
+)
 def test_a_child_that_dies_fails_the_attempt_with_a_clear_code(tmp_path, step, code, exitcode):
     with pytest.raises(StageCrashed) as info:
         run([("die", step)], tmp_path)
@@ -91,9 +94,12 @@ def test_a_child_that_dies_fails_the_attempt_with_a_clear_code(tmp_path, step, c
 def test_cancel_stops_the_child_within_seconds(tmp_path):
     started = time.monotonic()
     with pytest.raises(StageStopped) as info:
-        run([("sleep", sleep_forever)], tmp_path,
+        run(
+            [("sleep", sleep_forever)],
+            tmp_path,
             should_stop=lambda: "cancelled" if time.monotonic() - started > 1.5 else None,
-            stop_check_interval=0.2)
+            stop_check_interval=0.2,
+        )
     assert info.value.reason == "cancelled"
     assert time.monotonic() - started < 6
     _assert_gone(int((tmp_path / "pid").read_text()))
@@ -102,9 +108,14 @@ def test_cancel_stops_the_child_within_seconds(tmp_path):
 def test_a_child_ignoring_sigterm_is_killed_after_the_grace_time(tmp_path):
     started = time.monotonic()
     with pytest.raises(StageStopped):
-        run([("sleep", sleep_forever)], tmp_path, {"ignore_sigterm": True},
+        run(
+            [("sleep", sleep_forever)],
+            tmp_path,
+            {"ignore_sigterm": True},
             should_stop=lambda: "cancelled" if time.monotonic() - started > 1.5 else None,
-            stop_check_interval=0.2, stop_grace=1.0)
+            stop_check_interval=0.2,
+            stop_grace=1.0,
+        )
     assert time.monotonic() - started < 8
     _assert_gone(int((tmp_path / "pid").read_text()))
 
@@ -121,8 +132,13 @@ def test_child_errors_come_back_with_their_code(tmp_path):
 
 
 def test_the_child_environment_holds_no_credentials(tmp_path, monkeypatch):
-    secrets = {"DISTILL_DATABASE_URL": "postgresql://u:hunter2@db/x", "AWS_SECRET_ACCESS_KEY": "hunter2",
-               "AWS_ACCESS_KEY_ID": "AKIA", "GITHUB_TOKEN": "ghp_hunter2", "S3_PASSWORD": "hunter2"}
+    secrets = {
+        "DISTILL_DATABASE_URL": "postgresql://u:hunter2@db/x",
+        "AWS_SECRET_ACCESS_KEY": "hunter2",
+        "AWS_ACCESS_KEY_ID": "AKIA",
+        "GITHUB_TOKEN": "ghp_hunter2",
+        "S3_PASSWORD": "hunter2",
+    }
     for key, value in secrets.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
