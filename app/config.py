@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./.distill")
     database_url: str = "sqlite:///./.distill/distill.db"
     database_pool_size: int = Field(default=10, ge=1)
-    broker_url: str = "filesystem://"  # a Celery transport that needs no server; Redis in production
+    # A Celery transport that needs no server (SQLAlchemy over SQLite); Redis in production.
+    broker_url: str = "sqla+sqlite:///./.distill/broker.sqlite"
     broker_folder: Path = Path("./.distill/broker")
 
     storage_backend: Literal["local", "s3"] = "local"

@@ -50,10 +50,15 @@ class Conflict(AppError):
 
 
 class InvalidRequest(AppError):
+    """422 naming the offending field(s): `InvalidRequest("config.epochs", "must be >= 1")`."""
+
     status, code, title = 422, "validation_error", "Invalid request"
 
-    def __init__(self, field: str, message: str, *, code: str | None = None) -> None:
-        super().__init__(f"{field}: {message}", code=code, errors=[{"field": field, "message": message}])
+    def __init__(
+        self, field: str, message: str, *, code: str | None = None, more: list[dict[str, str]] | None = None
+    ) -> None:
+        errors = [{"field": field, "message": message}, *(more or [])]
+        super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors), code=code, errors=errors)
 
 
 class ServiceUnavailable(AppError):
@@ -84,11 +89,31 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+_UNION_TAGS = ("float", "int", "str", "bool", "none", "list", "dict")
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
+    """`("body", "config", "temperature", "literal['auto']")` -> `"config.temperature"`."""
     parts = [str(p) for p in loc]
-    if parts and parts[0] in ("body", "query", "path", "header"):
-        parts = parts[1:] or parts
-    return ".".join(parts)
+    if len(parts) > 1 and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    # pydantic adds the union member that failed ("literal['auto']", "constrained-float"): not a field
+    return ".".join(
+        p
+        for p in parts
+        if "[" not in p and not p.startswith(("constrained-", "function-")) and p not in _UNION_TAGS
+    )
+
+
+def validation_errors(raw: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One entry per field; alternatives of a union are joined with "or"."""
+    merged: dict[str, list[str]] = {}
+    for error in raw:
+        messages = merged.setdefault(_field_path(tuple(error.get("loc", ()))), [])
+        message = str(error.get("msg", "invalid value"))
+        if message not in messages:
+            messages.append(message)
+    return [{"field": field, "message": " or ".join(messages)} for field, messages in merged.items()]
 
 
 _HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}

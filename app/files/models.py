@@ -11,7 +11,7 @@ PURPOSES = ("teacher", "dataset", "student_init")
 
 
 class File(Base):
-    """An input a tenant uploaded or registered. Deleting drops the object but keeps the row (jobs cite it)."""
+    """An input a tenant uploaded or registered. Deleting drops the object, keeps the row (jobs cite it)."""
 
     __tablename__ = "files"
     __table_args__ = (Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),)

@@ -1,0 +1,113 @@
+"""The API's mirror of `worker.distill.config.DistillConfig`: same field names, same constraints, no torch.
+
+The app may not import the worker, so the names below are copies; `tests/app/test_config_mirror.py`
+compares them with the core's dataclass and registries so the two cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SOFT_LABEL_FORMATS = ("full", "topk")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "onecycle", "constant")
+EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
+METHODS = ("dist", "dkd", "hinton", "mse_logits", "soft_target")
+STUDENTS = ("cnn", "logreg", "mlp", "resnet")
+TEACHER_FORMATS = ("auto", "torchscript", "onnx", "safetensors", "state_dict")
+
+
+def parse_model_spec(spec: str, field: str) -> tuple[str, dict[str, Any]]:
+    """`"mlp:hidden=128,64;dropout=0.1"` -> `("mlp", {...})`; the same grammar as the core's parser."""
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"empty model spec {spec!r}; expected e.g. 'mlp:hidden=128'")
+    if name not in STUDENTS:
+        raise ValueError(f"unknown architecture {name!r} in {field}; known: {', '.join(STUDENTS)}")
+    params: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in rest.split(";"))):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise ValueError(f"bad parameter {part!r} in model spec {spec!r}; expected key=value")
+        params[key.strip()] = value
+    return name, params
+
+
+def model_spec(value: str, field: str) -> str:
+    if len(value) > 500:
+        raise ValueError("model spec is longer than 500 characters")
+    parse_model_spec(value, field)
+    return value.strip()
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class PreprocessSchema(BaseModel):
+    """Applied to raw inputs before teacher and student alike: `(x * scale - mean) / std`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = 1.0
+    mean: list[float] = Field(default_factory=lambda: [0.0], min_length=1, max_length=64)
+    std: list[PositiveFloat] = Field(default_factory=lambda: [1.0], min_length=1, max_length=64)
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _scalar_to_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("scale")
+    @classmethod
+    def _nonzero(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("scale must not be 0")
+        return value
+
+
+class DistillConfigSchema(BaseModel):
+    """Every DistillConfig setting except `student` (a top-level field of the job request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher_format: Literal[TEACHER_FORMATS] = "auto"  # type: ignore[valid-type]
+    teacher_arch: str | None = None
+    label_column: str = Field(default="label", min_length=1, max_length=200)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    preprocess: PreprocessSchema = Field(default_factory=PreprocessSchema)
+    soft_label_format: Literal[SOFT_LABEL_FORMATS] = "full"  # type: ignore[valid-type]
+    topk: int = Field(default=5, ge=1, le=1000)
+    shard_size: int = Field(default=8192, ge=1, le=1_000_000)
+    method: Literal[METHODS] = "hinton"  # type: ignore[valid-type]
+    temperature: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] = "auto"
+    alpha: Literal["auto"] | Annotated[float, Field(ge=0, le=1)] = "auto"
+    method_params: dict[str, float] = Field(default_factory=dict, max_length=16)
+    epochs: int = Field(default=10, ge=1, le=10_000)
+    batch_size: int = Field(default=128, ge=1, le=65_536)
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    weight_decay: float = Field(default=1e-4, ge=0, le=10)
+    optimizer: Literal[OPTIMIZERS] = "adamw"  # type: ignore[valid-type]
+    schedule: Literal[SCHEDULES] = "cosine"  # type: ignore[valid-type]
+    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    finetune_epochs: int = Field(default=0, ge=0, le=10_000)
+    finetune_lr: Annotated[float, Field(gt=0, le=10)] | None = None
+    baseline: bool = True
+    export_formats: list[Literal[EXPORT_FORMATS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(EXPORT_FORMATS), min_length=1, max_length=len(EXPORT_FORMATS)
+    )
+
+    @field_validator("teacher_arch")
+    @classmethod
+    def _teacher_arch(cls, value: str | None) -> str | None:
+        return None if value is None else model_spec(value, "teacher_arch")
+
+    @field_validator("export_formats")
+    @classmethod
+    def _unique_formats(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("export formats must not repeat")
+        return value

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.jobs.models import Artifact, Job, JobEvent
+from app.paging import keyset_page
+
+
+def get_for_tenant(session: Session, tenant_id: str, job_id: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)).one_or_none()
+
+
+def get(session: Session, job_id: str, *, fresh: bool = False) -> Job | None:
+    """Unscoped, for the worker. `fresh` reloads a row that a Core UPDATE may have changed."""
+    return session.get(Job, job_id, populate_existing=fresh)
+
+
+def get_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
+    query = select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
+    return session.scalars(query).one_or_none()
+
+
+def list_for_tenant(
+    session: Session, tenant_id: str, *, status: str | None, cursor: str | None, limit: int
+) -> list[Job]:
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    return list(session.scalars(keyset_page(query, Job.created_at, Job.id, cursor, limit)))
+
+
+def current_state(session: Session, job_id: str) -> tuple[str, int | None] | None:
+    """`(status, epoch)` read from the database, not from the session's cached object."""
+    row = session.execute(select(Job.status, Job.epoch).where(Job.id == job_id)).one_or_none()
+    return None if row is None else (row.status, row.epoch)
+
+
+def update_if_status(
+    session: Session, job_id: str, expected: str, values: dict[str, Any], *extra: Any
+) -> bool:
+    """Compare-and-set: `UPDATE jobs SET ... WHERE id = :id AND status = :expected [AND extra]`."""
+    stmt = update(Job).where(Job.id == job_id, Job.status == expected, *extra).values(**values)
+    return session.execute(stmt.execution_options(synchronize_session=False)).rowcount == 1
+
+
+def next_event_seq(session: Session, job_id: str) -> int | None:
+    """Atomically hand out the job's next event number (the row lock orders concurrent writers)."""
+    stmt = update(Job).where(Job.id == job_id).values(event_seq=Job.event_seq + 1).returning(Job.event_seq)
+    return session.execute(stmt.execution_options(synchronize_session=False)).scalar_one_or_none()
+
+
+def list_events(session: Session, job_id: str, *, after: int, limit: int) -> list[JobEvent]:
+    query = (
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.seq > after)
+        .order_by(JobEvent.seq)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
+
+
+def get_artifact(session: Session, job_id: str, name: str) -> Artifact | None:
+    query = select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)
+    return session.scalars(query).one_or_none()
+
+
+def expired_leases(session: Session, states: Sequence[str], now: datetime, limit: int) -> list[Job]:
+    query = (
+        select(Job)
+        .where(Job.status.in_(states), Job.lease_expires_at.is_not(None), Job.lease_expires_at < now)
+        .order_by(Job.lease_expires_at)
+        .limit(limit)
+    )
+    return list(session.scalars(query))

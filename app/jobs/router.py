@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+
+from app.deps import EnqueueDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from app.jobs import service
+from app.jobs.models import Artifact, Job, JobEvent
+from app.jobs.schemas import (
+    ArtifactList,
+    ArtifactOut,
+    EventList,
+    EventOut,
+    JobCreate,
+    JobError,
+    JobOut,
+    JobPage,
+)
+from app.jobs.state import STATES, TIMESTAMP_STATES
+from app.paging import MAX_LIMIT
+from app.storage.http import object_response
+from app.storage.s3 import S3Storage
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")
+]
+
+
+def job_out(job: Job) -> JobOut:
+    stamps = {state: getattr(job, f"{state}_at") for state in TIMESTAMP_STATES}
+    error = None if job.error_code is None else JobError(code=job.error_code, message=job.error_message or "")
+    return JobOut(
+        id=job.id,
+        status=job.status,
+        stage=job.stage,
+        progress=job.progress,
+        epoch=job.epoch,
+        metrics=job.metrics or {},
+        error=error,
+        config=job.config,
+        metadata=job.metadata_ or {},
+        teacher_file_ids=job.teacher_file_ids,
+        dataset_file_id=job.dataset_file_id,
+        validation_file_id=job.validation_file_id,
+        student_init_file_id=job.student_init_file_id,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        timestamps={state: at for state, at in stamps.items() if at is not None},
+    )
+
+
+def _event_out(event: JobEvent) -> EventOut:
+    return EventOut(seq=event.seq, kind=event.kind, data=event.data or {}, created_at=event.created_at)
+
+
+def _artifact_out(artifact: Artifact) -> ArtifactOut:
+    return ArtifactOut(
+        name=artifact.name, size=artifact.size, sha256=artifact.sha256, content_type=artifact.content_type
+    )
+
+
+@router.post("", status_code=201, responses={200: {"model": JobOut, "description": "idempotent replay"}})
+def create_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    tenant_id: TenantDep,
+    enqueue: EnqueueDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
+    job, created = service.create_job(
+        session,
+        tenant_id,
+        body,
+        idempotency_key=idempotency_key,
+        enqueue=enqueue,
+        max_attempts=settings.max_attempts,
+    )
+    if not created:
+        response.status_code = 200
+    return job_out(job)
+
+
+@router.get("")
+def list_jobs(
+    session: SessionDep,
+    tenant_id: TenantDep,
+    status: Annotated[str | None, Query(pattern="^(" + "|".join(STATES) + ")$")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> JobPage:
+    rows, next_cursor = service.list_jobs(session, tenant_id, status=status, cursor=cursor, limit=limit)
+    return JobPage(data=[job_out(j) for j in rows], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}")
+def get_job(job_id: str, session: SessionDep, tenant_id: TenantDep) -> JobOut:
+    return job_out(service.get_job(session, tenant_id, job_id))
+
+
+@router.get("/{job_id}/events")
+def list_events(
+    job_id: str,
+    session: SessionDep,
+    tenant_id: TenantDep,
+    after: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+) -> EventList:
+    events = service.list_events(session, tenant_id, job_id, after=after, limit=limit)
+    return EventList(data=[_event_out(e) for e in events])
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(job_id: str, session: SessionDep, tenant_id: TenantDep) -> JobOut:
+    return job_out(service.cancel_job(session, tenant_id, job_id))
+
+
+@router.get("/{job_id}/artifacts")
+def list_artifacts(job_id: str, session: SessionDep, tenant_id: TenantDep) -> ArtifactList:
+    return ArtifactList(data=[_artifact_out(a) for a in service.list_artifacts(session, tenant_id, job_id)])
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "partial content"},
+        304: {"description": "not modified"},
+        307: {"description": "redirect to a presigned URL"},
+        416: {"description": "range not satisfiable"},
+    },
+)
+def download_artifact(
+    job_id: str,
+    name: str,
+    request: Request,
+    session: SessionDep,
+    tenant_id: TenantDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> Response:
+    artifact = service.get_artifact(session, tenant_id, job_id, name)
+    presign = (
+        settings.presign_expires_s
+        if settings.s3_presign_downloads and isinstance(storage, S3Storage)
+        else None
+    )
+    return object_response(
+        request,
+        storage,
+        artifact.key,
+        size=artifact.size,
+        sha256=artifact.sha256,
+        content_type=artifact.content_type,
+        filename=artifact.name,
+        presign_expires=presign,
+    )

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+from app.jobs.config_schema import DistillConfigSchema, model_spec
+
+FileId = Field(min_length=1, max_length=40)
+MAX_METADATA_BYTES = 16 * 1024
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    teacher_file_ids: list[str] = Field(min_length=1, max_length=8)
+    dataset_file_id: str = FileId
+    validation_file_id: str | None = FileId
+    student: str = "mlp:hidden=128"
+    student_init_file_id: str | None = FileId
+    config: DistillConfigSchema = Field(default_factory=DistillConfigSchema)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    webhook_url: AnyHttpUrl | None = None
+
+    @field_validator("student")
+    @classmethod
+    def _student(cls, value: str) -> str:
+        return model_spec(value, "student")
+
+    @field_validator("teacher_file_ids")
+    @classmethod
+    def _distinct_teachers(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("teacher file ids must not repeat")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata must serialise to at most {MAX_METADATA_BYTES} bytes of JSON")
+        return value
+
+    def distill_config(self) -> dict[str, Any]:
+        """The resolved settings the worker hands to `DistillConfig.from_dict` (student included)."""
+        return {**self.config.model_dump(mode="json"), "student": self.student}
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    status: str
+    stage: str | None
+    progress: float
+    epoch: int | None
+    metrics: dict[str, Any]
+    error: JobError | None
+    config: dict[str, Any]
+    metadata: dict[str, Any]
+    teacher_file_ids: list[str]
+    dataset_file_id: str
+    validation_file_id: str | None
+    student_init_file_id: str | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    timestamps: dict[str, datetime]
+
+
+class JobPage(BaseModel):
+    data: list[JobOut]
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    seq: int
+    kind: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class EventList(BaseModel):
+    data: list[EventOut]
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    content_type: str
+
+
+class ArtifactList(BaseModel):
+    data: list[ArtifactOut]

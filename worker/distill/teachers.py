@@ -1,0 +1,319 @@
+"""Teachers from files: format detection, loading without unpickling, ensembles, and the preflight check.
+
+Accepted formats, detected from the bytes (never from the file name):
+- `torchscript`: a `torch.jit.save` zip (has `constants.pkl` / `code/`); runs in the TorchScript interpreter,
+  whose loader only rebuilds tensors and TorchScript classes, so no arbitrary Python runs;
+- `onnx`: a protobuf ModelProto, run with onnxruntime on CPU (any framework, e.g. scikit-learn via skl2onnx);
+- `safetensors` and `state_dict` (a `torch.save` file): weights only, loaded into `config.teacher_arch` from
+  the students registry; a state dict goes through `torch.load(weights_only=True)`, so a pickle carrying
+  code or arbitrary objects is refused.
+A list of files is an ensemble: the mean of the members' probabilities, returned as its log (valid logits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from worker.distill.config import DistillConfig
+from worker.distill.errors import ConfigError, DistillError, MismatchError, TeacherError
+from worker.distill.teacher_formats import OnnxSession, load_weights_module
+
+FORMATS = ("torchscript", "onnx", "safetensors", "state_dict")
+ACCEPTED = (
+    "TorchScript (torch.jit.save), ONNX, safetensors + teacher_arch, "
+    "or a state dict saved with torch.save + teacher_arch"
+)
+
+__all__ = ["FORMATS", "Teacher", "check_compatible", "detect_format", "load_teacher", "sha256_file"]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def detect_format(path: Path) -> str:
+    """One of FORMATS, from the file's bytes; TeacherError (code `unknown_teacher_format`) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherError(f"teacher file {path.name} does not exist", code="teacher_not_found")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            return "state_dict"
+    elif _is_safetensors(path, head):
+        return "safetensors"
+    elif head[:1] == b"\x80":  # pickle protocol >= 2: the legacy torch.save format
+        return "state_dict"
+    elif _is_onnx(path, head):
+        return "onnx"
+    raise TeacherError(
+        f"cannot tell what kind of model {path.name} is; accepted: {ACCEPTED}", code="unknown_teacher_format"
+    )
+
+
+def _is_safetensors(path: Path, head: bytes) -> bool:
+    if len(head) < 8:
+        return False
+    size = int.from_bytes(head, "little")
+    if not 2 <= size <= min(path.stat().st_size - 8, 100 << 20):
+        return False
+    with open(path, "rb") as f:
+        f.seek(8)
+        header = f.read(size)
+    try:
+        return header[:1] == b"{" and isinstance(json.loads(header), dict)
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
+def _is_onnx(path: Path, head: bytes) -> bool:
+    if head[:1] != b"\x08":  # ModelProto field 1 (ir_version, varint) comes first in every writer we know
+        return False
+    import onnx
+
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(path.read_bytes())
+    except Exception:  # noqa: BLE001 - protobuf raises its own DecodeError types
+        return False
+    return model.ir_version > 0 and len(model.graph.output) > 0 and len(model.opset_import) > 0
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+class Teacher:
+    """A frozen classifier: `logits(x)` maps a preprocessed float32 batch (N, *input_shape) to (N, classes).
+
+    `num_classes`/`input_shape` are None when the format does not say and no probe has run yet;
+    `sha256` is the file's digest (for an ensemble: of the members' digests, sorted).
+    """
+
+    def __init__(
+        self,
+        fmt: str,
+        sha256: str,
+        *,
+        input_shape: tuple[int, ...] | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        self.format = fmt
+        self.sha256 = sha256
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.num_classes = num_classes
+
+    def logits(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.logits(x)
+
+    def to(self, device: torch.device | str) -> Teacher:
+        return self
+
+    def probe(self, input_shape: tuple[int, ...]) -> int:
+        """Run a zero batch of `input_shape` to learn the class count; MismatchError if the shape is wrong."""
+        out = self.checked_logits(torch.zeros(2, *input_shape))
+        self.num_classes = int(out.shape[1])
+        self.input_shape = self.input_shape or tuple(input_shape)
+        return self.num_classes
+
+    def checked_logits(self, x: Tensor) -> Tensor:
+        """`logits(x)`, with any failure or a non-(batch, classes) output turned into a MismatchError."""
+        try:
+            out = self.logits(x)
+        except DistillError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model's own message names the layer that broke
+            expects = f" (it expects {self.input_shape})" if self.input_shape else ""
+            raise MismatchError(
+                f"teacher ({self.format}) fails on data of shape {tuple(x.shape[1:])}{expects}: "
+                f"{first_line(exc)}",
+                field="teacher",
+            ) from None
+        if out.dim() != 2 or out.shape[0] != x.shape[0]:
+            raise MismatchError(
+                f"teacher returns shape {tuple(out.shape)} for input {tuple(x.shape)}; "
+                "expected (batch, classes)",
+                field="teacher",
+            )
+        return out
+
+
+class OnnxTeacher(Teacher):
+    """Runs on CPU through onnxruntime whatever `to()` says; outputs come back on the input's device."""
+
+    def __init__(self, path: Path, sha256: str) -> None:
+        self.session = OnnxSession(path)
+        super().__init__(
+            "onnx", sha256, input_shape=self.session.input_shape, num_classes=self.session.num_classes
+        )
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.session(x)
+
+
+class ModuleTeacher(Teacher):
+    """A torch module (TorchScript or a registry architecture with loaded weights)."""
+
+    def __init__(self, module: nn.Module, fmt: str, sha256: str, **shape: Any) -> None:
+        super().__init__(fmt, sha256, **shape)
+        self.module = module.eval()
+        self.device = torch.device("cpu")
+
+    def logits(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            out = self.module(x.to(self.device, torch.float32))
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+            out = out[0]
+        elif isinstance(out, dict) and isinstance(out.get("logits"), Tensor):
+            out = out["logits"]
+        if not isinstance(out, Tensor):
+            raise TeacherError(f"teacher returned {type(out).__name__}, expected a logits tensor")
+        return out.float()
+
+    def to(self, device: torch.device | str) -> ModuleTeacher:
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        return self
+
+
+class EnsembleTeacher(Teacher):
+    """Averages the members' probabilities (not logits: members may be calibrated differently)."""
+
+    def __init__(self, members: Sequence[Teacher]) -> None:
+        classes = {m.num_classes for m in members if m.num_classes is not None}
+        if len(classes) > 1:
+            shown = ", ".join(f"{m.format}={m.num_classes}" for m in members)
+            raise MismatchError(f"ensemble members disagree on the class count: {shown}", field="teacher")
+        digest = hashlib.sha256("\n".join(sorted(m.sha256 for m in members)).encode()).hexdigest()
+        shapes = {m.input_shape for m in members if m.input_shape is not None}
+        super().__init__(
+            "ensemble",
+            digest,
+            num_classes=classes.pop() if classes else None,
+            input_shape=shapes.pop() if len(shapes) == 1 else None,
+        )
+        self.members = list(members)
+
+    def logits(self, x: Tensor) -> Tensor:
+        outs = [m.logits(x) for m in self.members]
+        if len({tuple(o.shape) for o in outs}) > 1:
+            shown = ", ".join(
+                f"{m.format}: {tuple(o.shape)}" for m, o in zip(self.members, outs, strict=True)
+            )
+            raise MismatchError(f"ensemble members return different output shapes: {shown}", field="teacher")
+        log_probs = torch.stack([o.float().log_softmax(dim=-1) for o in outs])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(outs))
+
+    def to(self, device: torch.device | str) -> EnsembleTeacher:
+        for m in self.members:
+            m.to(device)
+        return self
+
+
+def load_teacher(
+    paths: Sequence[Path] | Path,
+    config: DistillConfig | None = None,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+) -> Teacher:
+    """Load one teacher, or an ensemble from several files.
+
+    `input_shape` (the dataset's feature shape) lets the loader probe the class count of formats that do not
+    declare it (TorchScript); without it `num_classes` may stay None until `check_compatible` runs.
+    """
+    config = config or DistillConfig()
+    if config.teacher_format != "auto" and config.teacher_format not in FORMATS:
+        raise ConfigError(
+            f"teacher_format {config.teacher_format!r} unknown; accepted: auto, {', '.join(FORMATS)}",
+            field="teacher_format",
+        )
+    files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not files:
+        raise TeacherError("no teacher file given", code="teacher_not_found", field="teacher")
+    members = [_load_one(p, config, input_shape) for p in files]
+    teacher = members[0] if len(members) == 1 else EnsembleTeacher(members)
+    if input_shape is not None and teacher.num_classes is None:
+        teacher.probe(tuple(input_shape))
+    return teacher
+
+
+def _load_one(path: Path, config: DistillConfig, input_shape: tuple[int, ...] | None) -> Teacher:
+    fmt = detect_format(path)
+    if config.teacher_format not in ("auto", fmt):
+        raise TeacherError(
+            f"teacher_format is {config.teacher_format!r} but {path.name} is a {fmt} file",
+            code="teacher_format_mismatch",
+            field="teacher_format",
+        )
+    sha = sha256_file(path)
+    if fmt == "onnx":
+        return OnnxTeacher(path, sha)
+    if fmt == "torchscript":
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - a corrupt archive fails in many ways
+            raise TeacherError(f"cannot load TorchScript teacher {path.name}: {first_line(exc)}") from None
+        return ModuleTeacher(module, fmt, sha, input_shape=input_shape)
+    module, shape, classes = load_weights_module(path, fmt, config.teacher_arch, input_shape)
+    return ModuleTeacher(module, fmt, sha, input_shape=shape, num_classes=classes)
+
+
+def check_compatible(teacher: Teacher, student: nn.Module, sample: Tensor) -> dict[str, Any]:
+    """Run two preprocessed samples through teacher and student; MismatchError naming both shapes if not.
+
+    Fills in `teacher.num_classes` when the teacher's format did not declare it.
+    """
+    x = sample[:2].float()
+    if x.shape[0] == 0:
+        raise MismatchError("preflight needs at least one sample", field="dataset")
+    t_out = teacher.checked_logits(x)
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            s_out = student(x.to(next(student.parameters(), x).device))
+    except Exception as exc:  # noqa: BLE001
+        raise MismatchError(
+            f"student fails on data of shape {tuple(x.shape[1:])}: {first_line(exc)}", field="student"
+        ) from None
+    finally:
+        student.train(was_training)
+    if tuple(s_out.shape) != tuple(t_out.shape):
+        raise MismatchError(
+            f"teacher outputs {tuple(t_out.shape)} but student outputs {tuple(s_out.shape)} "
+            f"for input {tuple(x.shape)}",
+            field="student",
+        )
+    if not torch.isfinite(t_out).all():
+        raise TeacherError(
+            "teacher produced non-finite logits on the first samples", code="teacher_non_finite"
+        )
+    if teacher.num_classes is None:
+        teacher.num_classes = int(t_out.shape[1])
+    return {
+        "input_shape": list(x.shape[1:]),
+        "teacher_output_shape": list(t_out.shape),
+        "student_output_shape": list(s_out.shape),
+        "num_classes": int(t_out.shape[1]),
+    }
