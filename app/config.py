@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     worker_lease_s: int = Field(default=120, ge=5)
     max_attempts: int = Field(default=3, ge=1)
     readiness_timeout_s: float = Field(default=2.0, gt=0)
+    # Webhooks: per-tenant signing secrets derive from this root (development: a random file in data_dir).
+    webhook_secret: str | None = None
+    webhook_max_attempts: int = Field(default=5, ge=1, le=20)
+    webhook_backoff_s: float = Field(default=1.0, ge=0)  # doubles after each failed attempt
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    webhook_allow_private: bool = False  # production only: allow receivers on private addresses
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
@@ -55,6 +61,7 @@ class Settings(BaseSettings):
             return self
         secrets = {
             "DISTILL_S3_SECRET_ACCESS_KEY": self.s3_secret_access_key,
+            "DISTILL_WEBHOOK_SECRET": self.webhook_secret,
             "DISTILL_DATABASE_URL password": urlsplit(self.database_url).password,
             "DISTILL_BROKER_URL password": urlsplit(self.broker_url).password,
         }

@@ -1,0 +1,55 @@
+"""Turns each `status` event the jobs service writes into a webhook delivery, scheduled after commit.
+
+Listening on the event row's insert (rather than editing every transition) catches all of them, from the
+API (queued, cancelled) and from workers alike; `after commit` means a rolled-back transition sends nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Mapper, object_session
+
+from app.db.base import utcnow
+from app.db.session import on_commit
+from app.jobs.models import Job, JobEvent
+from app.webhooks.dispatcher import Delivery, get_dispatcher
+
+EVENT_TYPE = "job.status_changed"
+
+
+def _on_event_insert(_mapper: Mapper[Any], connection: Connection, target: JobEvent) -> None:
+    if target.kind != "status":
+        return
+    row = connection.execute(
+        select(Job.webhook_url, Job.tenant_id, Job.metadata_, Job.error_code, Job.error_message)
+        .where(Job.id == target.job_id)).first()
+    if row is None or not row.webhook_url:
+        return
+    data = target.data or {}
+    status = data.get("to")
+    created = target.created_at or utcnow()
+    body = {
+        "id": f"evt_{target.job_id}_{target.seq}",
+        "type": EVENT_TYPE,
+        "created_at": created.isoformat(),
+        "data": {
+            "job_id": target.job_id, "seq": target.seq, "status": status, "previous": data.get("from"),
+            "error": {"code": row.error_code, "message": row.error_message} if status == "failed" else None,
+            "metadata": row.metadata_ or {},
+        },
+    }
+    delivery = Delivery(job_id=target.job_id, tenant_id=row.tenant_id, url=row.webhook_url, event=body)
+    session = object_session(target)
+    if session is not None:
+        on_commit(session, lambda: get_dispatcher().schedule(delivery))
+
+
+def install() -> None:
+    if not event.contains(JobEvent, "after_insert", _on_event_insert):
+        event.listen(JobEvent, "after_insert", _on_event_insert)
+
+
+install()

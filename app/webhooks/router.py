@@ -1,0 +1,22 @@
+"""`GET /v1/webhooks/secret`: the calling tenant's signing secret, to verify `Distill-Signature`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from app.deps import SettingsDep, TenantDep
+from app.webhooks.signing import HEADER, tenant_secret
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+
+
+class WebhookSecret(BaseModel):
+    secret: str
+    header: str = HEADER
+    scheme: str = "t=<unix seconds>,v1=hex(HMAC-SHA256(secret, '<t>.' + raw body))"
+
+
+@router.get("/secret")
+def get_secret(tenant_id: TenantDep, settings: SettingsDep) -> WebhookSecret:
+    return WebhookSecret(secret=tenant_secret(settings, tenant_id))
