@@ -47,13 +47,14 @@ def _missing(exc: ClientError) -> bool:
 
 
 class S3Storage(Storage):
-    def __init__(self, client: Any, bucket: str) -> None:
+    def __init__(self, client: Any, bucket: str, *, part_bytes: int = PART_BYTES) -> None:
         self.client = client
         self.bucket = bucket
+        self.part_bytes = part_bytes
 
     def with_bucket(self, bucket: str) -> S3Storage:
         """The same client on another bucket: files registered from `s3://other-bucket/key`."""
-        return S3Storage(self.client, bucket)
+        return S3Storage(self.client, bucket, part_bytes=self.part_bytes)
 
     def _call(self, key: str, fn: Any, **kwargs: Any) -> Any:
         try:
@@ -79,10 +80,10 @@ class S3Storage(Storage):
             for chunk in chunks:
                 hasher.update(chunk)
                 buffer += chunk
-                while len(buffer) >= PART_BYTES:
+                while len(buffer) >= self.part_bytes:
                     if upload_id is None:
                         upload_id = self._call(key, self.client.create_multipart_upload, Key=key)["UploadId"]
-                    part, buffer = bytes(buffer[:PART_BYTES]), bytearray(buffer[PART_BYTES:])
+                    part, buffer = bytes(buffer[: self.part_bytes]), bytearray(buffer[self.part_bytes :])
                     etag = self._call(
                         key,
                         self.client.upload_part,

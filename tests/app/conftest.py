@@ -1,0 +1,136 @@
+"""Fixtures for the API tests: a fresh PostgreSQL database migrated once per session, one rolled-back
+transaction per test (each request's commit only releases a SAVEPOINT), a local object folder per test,
+and the real Celery client publishing to a Redis database of our own."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy.orm import sessionmaker
+
+from app.config import Settings
+from app.db import migrate
+from app.db.session import Database, session_scope
+from app.main import create_app
+from app.storage import LocalStorage, Storage
+from app.tenants import service as tenants
+
+PG_HOST = os.environ.get("DISTILL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+REDIS_URL = os.environ.get("DISTILL_TEST_REDIS", "redis://127.0.0.1:6379/12")
+
+
+def _admin() -> psycopg.Connection:
+    return psycopg.connect(PG_HOST.replace("+psycopg", "") + "/test", autocommit=True)
+
+
+def create_database(name: str) -> str:
+    with _admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{PG_HOST}/{name}"
+
+
+def drop_database(name: str) -> None:
+    with _admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    name = f"distill_test_{os.getpid()}"
+    url = create_database(name)
+    migrate.upgrade(url)
+    yield url
+    drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def engine(pg_url: str) -> Iterator[Engine]:
+    engine = create_engine(pg_url, pool_size=2)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def connection(engine: Engine) -> Iterator[Connection]:
+    with engine.connect() as conn:
+        outer = conn.begin()
+        yield conn
+        outer.rollback()
+
+
+@pytest.fixture
+def db(engine: Engine, connection: Connection) -> Database:
+    database = Database(engine)
+    # Every session joins the test's transaction; its commit() releases a SAVEPOINT instead of committing.
+    database.session_factory = sessionmaker(
+        bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+    )
+    return database
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "objects")
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete("soft_label", "distill")
+    yield client
+    client.delete("soft_label", "distill")
+    client.close()
+
+
+@pytest.fixture
+def settings(pg_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        environment="test", database_url=pg_url, broker_url=REDIS_URL, storage_path=tmp_path / "objects",
+        max_upload_bytes=256 * 1024, key_cache_ttl_s=0,
+    )
+
+
+@pytest.fixture
+def app(settings: Settings, db: Database, storage: Storage, broker: redis.Redis) -> FastAPI:
+    return create_app(settings, db=db, storage=storage)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@dataclass
+class Tenant:
+    name: str
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def make_tenant(db: Database, name: str) -> Tenant:
+    with session_scope(db) as session:
+        return Tenant(name, tenants.create_key(session, name))
+
+
+@pytest.fixture
+def alice(db: Database) -> Tenant:
+    return make_tenant(db, "alice")
+
+
+@pytest.fixture
+def bob(db: Database) -> Tenant:
+    return make_tenant(db, "bob")
