@@ -30,10 +30,12 @@ DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
 class Client:
     def __init__(self, base_url: str, api_key: str, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
-                 max_retries: int = 5, backoff_s: float = 0.5) -> None:
+                 max_retries: int = 5, backoff_s: float = 0.5, http: httpx.Client | None = None) -> None:
+        """`http` replaces the connection pool, e.g. with an in-process `fastapi.testclient.TestClient`."""
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}", "User-Agent": "distill-client"}
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+        self._http = http or httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._http.headers.update(headers)
         self._t = Transport(self._http, max_retries=max_retries, backoff_s=backoff_s)
 
     def close(self) -> None:

@@ -7,12 +7,13 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from app.errors import NotFound
 from app.ui import pages
+from app.ui.cookie_auth import ArtifactCookieAuth
 
 STATIC = Path(__file__).parent / "static"
 CONTENT_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
@@ -66,3 +67,8 @@ def static(name: str) -> FileResponse:
         raise NotFound(f"no static file {name!r}", code="not_found")
     return FileResponse(path, media_type=CONTENT_TYPES[path.suffix],
                         headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+
+def install_ui(app: FastAPI) -> None:
+    app.include_router(router)
+    app.add_middleware(ArtifactCookieAuth)

@@ -26,8 +26,9 @@ def _on_event_insert(_mapper: Mapper[Any], connection: Connection, target: JobEv
     row = connection.execute(
         select(Job.webhook_url, Job.tenant_id, Job.metadata_, Job.error_code, Job.error_message)
         .where(Job.id == target.job_id)).first()
-    if row is None or not row.webhook_url:
+    if row is None or not row[0]:
         return
+    url, tenant_id, metadata, error_code, error_message = row
     data = target.data or {}
     status = data.get("to")
     created = target.created_at or utcnow()
@@ -37,11 +38,11 @@ def _on_event_insert(_mapper: Mapper[Any], connection: Connection, target: JobEv
         "created_at": created.isoformat(),
         "data": {
             "job_id": target.job_id, "seq": target.seq, "status": status, "previous": data.get("from"),
-            "error": {"code": row.error_code, "message": row.error_message} if status == "failed" else None,
-            "metadata": row.metadata_ or {},
+            "error": {"code": error_code, "message": error_message} if status == "failed" else None,
+            "metadata": metadata or {},
         },
     }
-    delivery = Delivery(job_id=target.job_id, tenant_id=row.tenant_id, url=row.webhook_url, event=body)
+    delivery = Delivery(job_id=target.job_id, tenant_id=tenant_id, url=url, event=body)
     session = object_session(target)
     if session is not None:
         on_commit(session, lambda: get_dispatcher().schedule(delivery))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel
 
+from app.config import Settings
+from app.db.session import Database
 from app.deps import SettingsDep, TenantDep
+from app.webhooks.dispatcher import Dispatcher, set_dispatcher
 from app.webhooks.signing import HEADER, tenant_secret
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
@@ -20,3 +23,12 @@ class WebhookSecret(BaseModel):
 @router.get("/secret")
 def get_secret(tenant_id: TenantDep, settings: SettingsDep) -> WebhookSecret:
     return WebhookSecret(secret=tenant_secret(settings, tenant_id))
+
+
+def install_webhooks(app: FastAPI, settings: Settings, db: Database) -> None:
+    """Deliveries from this app use its settings and database; the hook itself is process-wide."""
+    from app.webhooks import hooks
+
+    hooks.install()
+    set_dispatcher(Dispatcher(settings, db))
+    app.include_router(router)
