@@ -1,0 +1,112 @@
+"""The task's side of a running stage: forwards the child's messages to the database and says when to stop.
+
+Progress goes to the job row at most about once a second, but a new epoch or a stage change is written at
+once (the service turns a new epoch into an `epoch` event). The lease is renewed as a heartbeat; the row's
+status is read about once a second so a cancel reaches the child within seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from app.db import session_scope
+from app.jobs import service
+from app.jobs.state import PIPELINE
+from worker.tasks.context import WorkerContext
+from worker.tasks.workspace import WorkMirror
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 1.0
+# Which job status each step of the core runs under.
+STEP_STATUS = {
+    "preflight": "soft_labeling",
+    "soft_label": "soft_labeling",
+    "distill": "distilling",
+    "evaluate": "evaluating",
+    "export": "exporting",
+}
+# Set when the worker is asked to shut down (SIGTERM): running stages stop and hand their job back.
+shutting_down = threading.Event()
+
+
+class StageWatch:
+    def __init__(
+        self, ctx: WorkerContext, job_id: str, status: str, mirror: WorkMirror | None = None
+    ) -> None:
+        self.ctx, self.job_id, self.status, self.mirror = ctx, job_id, status, mirror
+        self.lost: str | None = None  # why this worker no longer owns the job
+        self._pending: dict[str, Any] | None = None
+        self._last_write = 0.0
+        self._last_epoch: tuple[str, int | None] | None = None
+        self._next_renew = time.monotonic() + ctx.settings.worker_lease_s / 4
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "stage":
+            self.flush()
+            self._enter(STEP_STATUS.get(msg["name"], self.status))
+        elif msg["type"] == "progress":
+            event = msg["event"]
+            epoch_key = (str(event.get("stage")), event.get("epoch"))
+            new_epoch = event.get("epoch") is not None and epoch_key != self._last_epoch
+            self._pending = event
+            if new_epoch or time.monotonic() - self._last_write >= PROGRESS_INTERVAL_S:
+                self.flush()
+            if new_epoch:
+                self._last_epoch = epoch_key
+                if self.mirror is not None:
+                    self.mirror.push()  # the epoch's checkpoint survives this machine
+
+    def _enter(self, new: str) -> None:
+        # Only forward: a resumed task re-runs earlier steps (they find their work done) under a later status.
+        if self.lost or PIPELINE.index(new) <= PIPELINE.index(self.status):
+            return
+        with session_scope(self.ctx.db) as session:
+            job = service.claim_stage(
+                session,
+                self.job_id,
+                self.status,
+                new,
+                self.ctx.worker_id,
+                lease_s=self.ctx.settings.worker_lease_s,
+            )
+        if job is None:
+            self.lost = "moved"
+        else:
+            self.status = new
+
+    def flush(self) -> None:
+        event, self._pending = self._pending, None
+        if event is None or self.lost:
+            return
+        metrics = event.get("metrics") or {}
+        metrics = {"stage": event.get("stage"), **metrics} if event.get("stage") else metrics
+        with session_scope(self.ctx.db) as session:
+            running = service.record_progress(
+                session, self.job_id, float(event.get("progress") or 0.0), event.get("epoch"), metrics
+            )
+        self._last_write = time.monotonic()
+        if not running:
+            self.lost = "moved"
+
+    def should_stop(self) -> str | None:
+        """A reason to stop the child now ("cancelled", "lease_lost", "shutdown"), or None to go on."""
+        if shutting_down.is_set():
+            return "shutdown"
+        with session_scope(self.ctx.db) as session:
+            job = service.get_job_for_worker(session, self.job_id)
+            status = None if job is None else job.status
+            if status == self.status and time.monotonic() >= self._next_renew:
+                if not service.renew_lease(
+                    session, self.job_id, self.ctx.worker_id, lease_s=self.ctx.settings.worker_lease_s
+                ):
+                    return "lease_lost"
+                self._next_renew = time.monotonic() + self.ctx.settings.worker_lease_s / 4
+        if status == "cancelled":
+            return "cancelled"
+        if status != self.status or self.lost:
+            return "lease_lost"
+        return None
