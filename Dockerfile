@@ -20,13 +20,14 @@ RUN groupadd --system --gid 10001 distill \
  && chown distill:distill /var/lib/distill
 WORKDIR /srv/distill
 
-# Dependencies first, sources after: editing code does not reinstall the world.
+# The package is installed editable from /srv/distill, and the final stages copy the sources to that same
+# path: the migrations (alembic.ini, migrations/) are found next to the code, as in a checkout.
 FROM base AS api-build
 RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
-RUN pip install .
+RUN pip install -e .
 
 FROM base AS worker-build
 RUN python -m venv /opt/venv
@@ -38,22 +39,26 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
-RUN pip install ".[worker]"
+RUN pip install -e ".[worker]"
 
 FROM base AS api
 COPY --from=api-build /opt/venv /opt/venv
-COPY alembic.ini ./
+COPY pyproject.toml alembic.ini ./
 COPY migrations ./migrations
+COPY app ./app
+COPY worker ./worker
 USER distill
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
-CMD ["distill", "serve", "--api-only", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]
+CMD ["distill", "serve", "--api-only", "--no-migrate", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]
 
 FROM base AS worker
 COPY --from=worker-build /opt/venv /opt/venv
-COPY alembic.ini ./
+COPY pyproject.toml alembic.ini ./
 COPY migrations ./migrations
+COPY app ./app
+COPY worker ./worker
 USER distill
 # One worker process per GPU; scale the service (or run one container per device) for more GPUs.
 CMD ["distill", "worker", "--queues", "soft_label,distill"]

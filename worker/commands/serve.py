@@ -22,26 +22,14 @@ KEY_FILE = "api_key"
 STOP_GRACE_S = 30.0
 
 
-def find_alembic_ini() -> Path:
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (base / "alembic.ini").is_file():
-            return base / "alembic.ini"
-    raise typer.BadParameter("alembic.ini not found in the current folder or the project root")
-
-
 def migrate() -> None:
     """`alembic upgrade head` on the configured database (idempotent)."""
-    from alembic import command
-    from alembic.config import Config
-
     from app.config import get_settings
+    from app.db import migrate as migrations
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    config = Config(str(find_alembic_ini()))
-    config.attributes["configure_logger"] = False  # keep the caller's logging as it is
-    config.set_main_option("sqlalchemy.url", settings.database_url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    migrations.upgrade(settings.database_url)
 
 
 def ensure_local_key() -> tuple[str, Path, bool]:
