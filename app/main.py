@@ -14,9 +14,13 @@ from app.errors import install_exception_handler
 from app.files.router import router as files_router
 from app.health import router as health_router
 from app.jobs.router import router as jobs_router
+from app.observability.logging import configure_logging
+from app.observability.router import install_observability
 from app.queue import CeleryEnqueuer, Enqueuer, make_celery_client
 from app.storage import Storage, build_storage
 from app.tenants.service import KeyCache
+from app.ui.router import install_ui
+from app.webhooks.router import install_webhooks
 
 log = logging.getLogger(__name__)
 
@@ -53,4 +57,8 @@ def create_app(
     app.include_router(health_router)
     app.include_router(files_router)
     app.include_router(jobs_router)
+    configure_logging()
+    install_observability(app, settings, lambda: app.state.db.session_factory())
+    install_ui(app)
+    install_webhooks(app, settings, app.state.db)
     return app

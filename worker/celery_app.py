@@ -18,6 +18,7 @@ from celery import Celery
 from kombu import Queue
 
 from app.config import Settings, get_settings
+from app.observability.logging import install_celery_logging
 from app.queue import DISTILL_QUEUE, SOFT_LABEL_QUEUE, TASK_DISTILL, TASK_SOFT_LABEL, celery_config
 
 QUEUES = (SOFT_LABEL_QUEUE, DISTILL_QUEUE)
@@ -64,3 +65,4 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 
 celery_app = make_celery()
+install_celery_logging()  # JSON logs in the worker, with the running task's job id

@@ -31,6 +31,7 @@ from app.jobs.schemas import JobCreate
 from app.jobs.state import RUNNING, check_transition, is_terminal, timestamp_column
 from app.paging import split_page
 from app.queue import Enqueuer
+from app.webhooks import hooks as _webhook_hooks  # noqa: F401  (status events also go to the job's webhook)
 
 DEFAULT_LEASE_S = 120
 MAX_MESSAGE_CHARS = 4000
