@@ -123,10 +123,7 @@ async def handle_exception(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, AppError):
         return problem(exc.status, exc.code, exc.title, exc.detail, errors=exc.errors, headers=exc.headers)
     if isinstance(exc, RequestValidationError):
-        errors = [
-            {"field": _field_path(tuple(e.get("loc", ()))), "message": str(e.get("msg", ""))}
-            for e in exc.errors()
-        ]
+        errors = validation_errors(list(exc.errors()))
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
         return problem(422, "validation_error", "Invalid request", detail, errors=errors)
     if isinstance(exc, StarletteHTTPException):

@@ -2,24 +2,23 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from app.jobs.config_schema import DistillConfigSchema, model_spec
 
-FileId = Field(min_length=1, max_length=40)
 MAX_METADATA_BYTES = 16 * 1024
 
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    teacher_file_ids: list[str] = Field(min_length=1, max_length=8)
-    dataset_file_id: str = FileId
-    validation_file_id: str | None = FileId
+    teacher_file_ids: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(min_length=1, max_length=8)
+    dataset_file_id: str = Field(min_length=1, max_length=40)
+    validation_file_id: str | None = Field(default=None, min_length=1, max_length=40)
     student: str = "mlp:hidden=128"
-    student_init_file_id: str | None = FileId
+    student_init_file_id: str | None = Field(default=None, min_length=1, max_length=40)
     config: DistillConfigSchema = Field(default_factory=DistillConfigSchema)
     metadata: dict[str, Any] = Field(default_factory=dict)
     webhook_url: AnyHttpUrl | None = None
