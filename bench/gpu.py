@@ -28,15 +28,30 @@ class Block(nn.Module):
         super().__init__()
         c_out = width * 4 if bottleneck else width
         if bottleneck:
-            layers = [nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                      nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
-                      nn.ReLU(inplace=True), nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+            layers = [
+                nn.Conv2d(c_in, width, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, c_out, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+            ]
         else:
-            layers = [nn.Conv2d(c_in, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
-                      nn.ReLU(inplace=True), nn.Conv2d(width, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)]
+            layers = [
+                nn.Conv2d(c_in, width, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, c_out, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+            ]
         self.body = nn.Sequential(*layers)
-        self.skip = (nn.Identity() if stride == 1 and c_in == c_out else
-                     nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)))
+        self.skip = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        )
         self.out_channels = c_out
 
     def forward(self, x: Tensor) -> Tensor:
@@ -45,8 +60,12 @@ class Block(nn.Module):
 
 def resnet(depths: tuple[int, ...], bottleneck: bool, num_classes: int, base: int = 64) -> nn.Sequential:
     """An ImageNet-style ResNet (7x7 stride-2 stem, max-pool, four stages): (B, 3, H, W) -> (B, classes)."""
-    layers: list[nn.Module] = [nn.Conv2d(3, base, 7, 2, 3, bias=False), nn.BatchNorm2d(base),
-                               nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, base, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(base),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     c = base
     for stage, depth in enumerate(depths):
         for i in range(depth):
@@ -146,11 +165,16 @@ def main() -> None:
             rates[arm].append(images_per_s(arm == "online"))
     cached_ips, online_ips = max(rates["cached"]), max(rates["online"])
     ratio = cached_ips / online_ips
-    peak = (f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-            if device.type == "cuda" else "")
+    peak = (
+        f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+        if device.type == "cuda"
+        else ""
+    )
     print(f"device: {card}; torch {torch.__version__}; bf16 autocast, channels_last{peak}")
-    print(f"teacher {args.teacher}, student {args.student}, {args.res}px, batch {args.batch}, "
-          f"{args.classes} classes, {args.steps} timed steps per arm (best of 2)")
+    print(
+        f"teacher {args.teacher}, student {args.student}, {args.res}px, batch {args.batch}, "
+        f"{args.classes} classes, {args.steps} timed steps per arm (best of 2)"
+    )
     print(f"soft-label pass over {args.rows} rows: {label_s:.2f}s ({args.rows / label_s:.0f} img/s)")
     print(f"online-teacher step: {online_ips:8.1f} img/s")
     print(f"cached-logit step:   {cached_ips:8.1f} img/s")

@@ -28,14 +28,27 @@ def product_split(n_rows: int, y: np.ndarray, fraction: float, seed: int) -> tup
     `split_validation` works on a `Dataset`, so it is handed the row numbers as a one-column feature and the
     split it returns names the rows it picked (float32 holds integers exactly up to 2**24).
     """
-    ids = Dataset(x=np.arange(n_rows, dtype=np.float32)[:, None], y=y.astype(np.int64), x_val=None, y_val=None,
-                  num_classes=int(y.max()) + 1, class_names=None)
+    ids = Dataset(
+        x=np.arange(n_rows, dtype=np.float32)[:, None],
+        y=y.astype(np.int64),
+        x_val=None,
+        y_val=None,
+        num_classes=int(y.max()) + 1,
+        class_names=None,
+    )
     split = split_validation(ids, fraction, seed)
     return split.x[:, 0].astype(np.int64), split.x_val[:, 0].astype(np.int64)
 
 
-def make_work(work: Path, teacher: Path, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-              soft_labels_from: Path | None = None) -> Path:
+def make_work(
+    work: Path,
+    teacher: Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    soft_labels_from: Path | None = None,
+) -> Path:
     """A fresh work folder holding the teacher and `data.npz` (raw pixels, labels with -1 = unlabelled).
 
     `soft_labels_from` copies another work folder's soft labels: the stage resumes from them only when
@@ -52,8 +65,13 @@ def make_work(work: Path, teacher: Path, x: np.ndarray, y: np.ndarray, x_val: np
 
 
 def config(student: str, **overrides: Any) -> DistillConfig:
-    settings = {"student": student, "preprocess": PREPROCESS, "baseline": False,
-                "export_formats": ["torchscript"], **overrides}
+    settings = {
+        "student": student,
+        "preprocess": PREPROCESS,
+        "baseline": False,
+        "export_formats": ["torchscript"],
+        **overrides,
+    }
     return DistillConfig.from_dict(settings)
 
 

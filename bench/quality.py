@@ -39,8 +39,10 @@ SETTINGS = {"a": "full labels", "b": "3% labels only", "c": "3% labels + 97% unl
 def stratified_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Positions of a seeded `fraction` of each class in `y`, sorted."""
     rng = np.random.default_rng(seed)
-    picks = [rng.choice(np.flatnonzero(y == c), max(1, round(fraction * int((y == c).sum()))), replace=False)
-             for c in np.unique(y)]
+    picks = [
+        rng.choice(np.flatnonzero(y == c), max(1, round(fraction * int((y == c).sum()))), replace=False)
+        for c in np.unique(y)
+    ]
     return np.sort(np.concatenate(picks))
 
 
@@ -58,24 +60,46 @@ def run_seed(seed: int, args, teacher_logits: torch.Tensor, data, work_root: Pat
         idx, y = settings[name]
         previous: Path | None = None
         for spec in args.students:
-            work = product.make_work(work_dir(work_root, seed, name, spec), TEACHER_PATH,
-                                     x_raw[idx], y, x_raw[va], y_all[va], soft_labels_from=previous)
+            work = product.make_work(
+                work_dir(work_root, seed, name, spec),
+                TEACHER_PATH,
+                x_raw[idx],
+                y,
+                x_raw[va],
+                y_all[va],
+                soft_labels_from=previous,
+            )
             cfg = product.config(spec, epochs=args.epochs, seed=seed)
             result = product.run(work, cfg)
-            acc[name, spec, "distilled"] = 100 * raw.accuracy(result["student"], torch.from_numpy(x_test_raw), y_test_t)
+            acc[name, spec, "distilled"] = 100 * raw.accuracy(
+                result["student"], torch.from_numpy(x_test_raw), y_test_t
+            )
             extra[name, spec] = {"chosen": chosen(result["distill"]), "seconds": result["seconds"]}
             previous = work
 
             x_t, y_t = torch.from_numpy(x_pre[idx]), torch.from_numpy(y)
             shape, n_cls = tuple(x_pre.shape[1:]), 10
             if name in ("a", "b"):
-                model, _ = raw.fit(build_student(spec, shape, n_cls), x_t, y_t, x_val, y_val, epochs=args.epochs,
-                                   seed=seed)
+                model, _ = raw.fit(
+                    build_student(spec, shape, n_cls), x_t, y_t, x_val, y_val, epochs=args.epochs, seed=seed
+                )
                 acc[name, spec, "alone"] = 100 * raw.accuracy(model, torch.from_numpy(x_test_pre), y_test_t)
             if not args.no_textbook:
-                model, _ = raw.fit(build_student(spec, shape, n_cls), x_t, y_t, x_val, y_val,
-                                   logits=teacher_logits[idx], T=4.0, alpha=0.9, epochs=args.epochs, seed=seed)
-                acc[name, spec, "textbook"] = 100 * raw.accuracy(model, torch.from_numpy(x_test_pre), y_test_t)
+                model, _ = raw.fit(
+                    build_student(spec, shape, n_cls),
+                    x_t,
+                    y_t,
+                    x_val,
+                    y_val,
+                    logits=teacher_logits[idx],
+                    T=4.0,
+                    alpha=0.9,
+                    epochs=args.epochs,
+                    seed=seed,
+                )
+                acc[name, spec, "textbook"] = 100 * raw.accuracy(
+                    model, torch.from_numpy(x_test_pre), y_test_t
+                )
         for spec in args.students:
             shutil.rmtree(work_dir(work_root, seed, name, spec), ignore_errors=True)
     return {"acc": acc, "extra": extra}
@@ -98,8 +122,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--settings", default="abc")
-    parser.add_argument("--students", default=",".join(STUDENTS).replace("mlp:hidden=", ""),
-                        help="hidden sizes of the MLP students, comma-separated")
+    parser.add_argument(
+        "--students",
+        default=",".join(STUDENTS).replace("mlp:hidden=", ""),
+        help="hidden sizes of the MLP students, comma-separated",
+    )
     parser.add_argument("--label-fraction", type=float, default=0.03)
     parser.add_argument("--no-textbook", action="store_true", help="skip the raw T=4/alpha=0.9 KD column")
     parser.add_argument("--threads", type=int, default=2)
@@ -137,10 +164,14 @@ def main() -> None:
 
 def report(per_seed, extras, teacher_test: float, args, elapsed: float) -> dict:
     mean = {k: statistics.fmean(v) for k, v in per_seed.items()}
-    print(f"\nFashion-MNIST, t10k accuracy %, mean of {args.seeds} seed(s), {args.epochs} epochs; "
-          f"teacher (CNN) {teacher_test:.2f}")
-    header = f"{'setting':28} {'student':8} {'alone':>6} {'KD T4/a.9':>9} {'distilled':>9} {'delta':>6} " \
-             f"{'kept':>5} {'gap':>5}  chosen by auto"
+    print(
+        f"\nFashion-MNIST, t10k accuracy %, mean of {args.seeds} seed(s), {args.epochs} epochs; "
+        f"teacher (CNN) {teacher_test:.2f}"
+    )
+    header = (
+        f"{'setting':28} {'student':8} {'alone':>6} {'KD T4/a.9':>9} {'distilled':>9} {'delta':>6} "
+        f"{'kept':>5} {'gap':>5}  chosen by auto"
+    )
     print(header)
     print("-" * len(header))
     checks = []
@@ -151,13 +182,19 @@ def report(per_seed, extras, teacher_test: float, args, elapsed: float) -> dict:
             tb = mean.get((name, spec, "textbook"))
             label = SETTINGS[name] + (" (alone: 100%)" if name == "c" else "")
             delta = dist - alone if alone is not None else float("nan")
-            gap = delta / (teacher_test - alone) if alone is not None and teacher_test > alone else float("nan")
+            gap = (
+                delta / (teacher_test - alone) if alone is not None and teacher_test > alone else float("nan")
+            )
             picks = ", ".join(sorted({e["chosen"] for e in extras[name, spec]}))
-            print(f"{label:28} {spec.split('=')[-1]:>8} {fmt(alone):>6} {fmt(tb):>9} {dist:9.2f} {delta:+6.2f} "
-                  f"{dist / teacher_test:5.3f} {gap:5.2f}  {picks}")
+            print(
+                f"{label:28} {spec.split('=')[-1]:>8} {fmt(alone):>6} {fmt(tb):>9} {dist:9.2f} {delta:+6.2f} "
+                f"{dist / teacher_test:5.3f} {gap:5.2f}  {picks}"
+            )
             if alone is None:
                 continue
-            low = min(d - a for d, a in zip(per_seed[name, spec, "distilled"], per_seed[alone_key], strict=True))
+            low = min(
+                d - a for d, a in zip(per_seed[name, spec, "distilled"], per_seed[alone_key], strict=True)
+            )
             if name == "a":
                 checks.append((f"(a) {spec}: distilled >= alone (worst seed {low:+.2f})", delta >= 0))
                 if spec.endswith("=128"):
@@ -170,12 +207,19 @@ def report(per_seed, extras, teacher_test: float, args, elapsed: float) -> dict:
     for text, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
     secs = [sum(e["seconds"].values()) for v in extras.values() for e in v]
-    print(f"\nproduct runs: {len(secs)}, {sum(secs):.0f}s in all; whole benchmark {elapsed:.0f}s "
-          f"on {torch.get_num_threads()} threads")
-    return {"teacher": teacher_test, "seeds": args.seeds, "epochs": args.epochs, "elapsed_s": elapsed,
-            "accuracy": {"|".join(k): v for k, v in per_seed.items()},
-            "extras": {"|".join(k): v for k, v in extras.items()},
-            "checks": [{"target": t, "pass": ok} for t, ok in checks]}
+    print(
+        f"\nproduct runs: {len(secs)}, {sum(secs):.0f}s in all; whole benchmark {elapsed:.0f}s "
+        f"on {torch.get_num_threads()} threads"
+    )
+    return {
+        "teacher": teacher_test,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "elapsed_s": elapsed,
+        "accuracy": {"|".join(k): v for k, v in per_seed.items()},
+        "extras": {"|".join(k): v for k, v in extras.items()},
+        "checks": [{"target": t, "pass": ok} for t, ok in checks],
+    }
 
 
 def fmt(value: float | None) -> str:

@@ -34,7 +34,9 @@ def hinton_loss(student: Tensor, teacher: Tensor, labels: Tensor, T: float, alph
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 2048) -> float:
     was_training = model.training
     model.eval()
-    hits = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
+    hits = sum(
+        int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch)
+    )
     model.train(was_training)
     return hits / max(len(x), 1)
 
@@ -48,7 +50,9 @@ def teacher_logits(teacher: nn.Module, x: Tensor, batch: int = 1024) -> Tensor:
 
 def _optimizer(model: nn.Module, steps: int, lr: float, weight_decay: float):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
+    )
     return opt, sched
 
 
@@ -61,9 +65,23 @@ def _step(model, opt, sched, loss: Tensor, clip: float | None) -> None:
     sched.step()
 
 
-def fit(model: nn.Module, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, logits: Tensor | None = None,
-        T: float = 1.0, alpha: float = 0.0, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
-        weight_decay: float = 1e-4, clip: float | None = 1.0, seed: int = 0) -> tuple[nn.Module, float]:
+def fit(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    *,
+    logits: Tensor | None = None,
+    T: float = 1.0,
+    alpha: float = 0.0,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    clip: float | None = 1.0,
+    seed: int = 0,
+) -> tuple[nn.Module, float]:
     """Train on tensors held in memory (the fastest loop there is: no DataLoader, no per-row work).
 
     `logits` None trains on hard labels alone (rows labelled -1 are dropped); otherwise Hinton KD from the
@@ -92,10 +110,23 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *,
     return model, best_acc
 
 
-def fit_online(student: nn.Module, teacher: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, x_val: Tensor,
-               y_val: Tensor, *, T: float, alpha: float, epochs: int = 10, batch_size: int = 128,
-               lr: float = 1e-3, weight_decay: float = 1e-4, clip: float | None = 1.0,
-               seed: int = 0) -> tuple[nn.Module, float]:
+def fit_online(
+    student: nn.Module,
+    teacher: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    *,
+    T: float,
+    alpha: float,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    clip: float | None = 1.0,
+    seed: int = 0,
+) -> tuple[nn.Module, float]:
     """What a user writes by hand: a DataLoader, and the teacher run on every batch of every epoch."""
     torch.manual_seed(seed)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)

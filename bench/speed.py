@@ -60,9 +60,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--student", default="mlp:hidden=128")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of the product and the floor (best kept)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs of the product and the floor (best kept)"
+    )
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--auto", action="store_true", help="also time the product with temperature/alpha auto")
+    parser.add_argument(
+        "--auto", action="store_true", help="also time the product with temperature/alpha auto"
+    )
     parser.add_argument("--skip-online", action="store_true", help="leave out the slow online arm")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,50 +79,96 @@ def main() -> None:
     x_tr, y_tr, x_val, y_val = x_pre[tr], y[tr], x_pre[va], y[va]
     shape, classes = tuple(x_raw.shape[1:]), 10
     data = (x_raw, y_all, tr, va)
-    print(f"{len(tr)} train rows, {len(va)} validation rows, {args.epochs} epochs, student {args.student}, "
-          f"teacher CNN ({info['params']} params), T={T} alpha={ALPHA}, {torch.get_num_threads()} threads")
+    print(
+        f"{len(tr)} train rows, {len(va)} validation rows, {args.epochs} epochs, student {args.student}, "
+        f"teacher CNN ({info['params']} params), T={T} alpha={ALPHA}, {torch.get_num_threads()} threads"
+    )
 
     floor, prod = [], []
     with tempfile.TemporaryDirectory(prefix="distill-speed-", dir=CACHE_DIR) as tmp:
         for i in range(args.repeats):
             logits, label_s = timed(raw.teacher_logits, teacher, x_tr)
-            (_, acc), train_s = timed(raw.fit, build_student(args.student, shape, classes), x_tr, y_tr, x_val,
-                                      y_val, logits=logits, T=T, alpha=ALPHA, epochs=args.epochs)
-            floor.append({"label_s": label_s, "train_s": train_s, "total_s": label_s + train_s, "val_acc": acc})
-            print(f"floor   run {i + 1}: teacher pass {label_s:6.1f}s + training {train_s:6.1f}s  val {acc:.4f}",
-                  flush=True)
+            (_, acc), train_s = timed(
+                raw.fit,
+                build_student(args.student, shape, classes),
+                x_tr,
+                y_tr,
+                x_val,
+                y_val,
+                logits=logits,
+                T=T,
+                alpha=ALPHA,
+                epochs=args.epochs,
+            )
+            floor.append(
+                {"label_s": label_s, "train_s": train_s, "total_s": label_s + train_s, "val_acc": acc}
+            )
+            print(
+                f"floor   run {i + 1}: teacher pass {label_s:6.1f}s + training {train_s:6.1f}s  val {acc:.4f}",
+                flush=True,
+            )
             p = product_arm(Path(tmp) / f"p{i}", data, args.student, args.epochs, args.profile and i == 0)
             prod.append(p)
-            print(f"product run {i + 1}: soft-label stage {p['label_s']:6.1f}s + distill stage {p['train_s']:6.1f}s"
-                  f"  val {val_acc(p['result'])}", flush=True)
-        auto = product_arm(Path(tmp) / "auto", data, args.student, args.epochs, False,
-                           temperature="auto", alpha="auto") if args.auto else None
+            print(
+                f"product run {i + 1}: soft-label stage {p['label_s']:6.1f}s + distill stage {p['train_s']:6.1f}s"
+                f"  val {val_acc(p['result'])}",
+                flush=True,
+            )
+        auto = (
+            product_arm(
+                Path(tmp) / "auto", data, args.student, args.epochs, False, temperature="auto", alpha="auto"
+            )
+            if args.auto
+            else None
+        )
     online_s = None
     if not args.skip_online:
-        (_, acc), online_s = timed(raw.fit_online, build_student(args.student, shape, classes), teacher, x_tr, y_tr,
-                                   x_val, y_val, T=T, alpha=ALPHA, epochs=args.epochs)
+        (_, acc), online_s = timed(
+            raw.fit_online,
+            build_student(args.student, shape, classes),
+            teacher,
+            x_tr,
+            y_tr,
+            x_val,
+            y_val,
+            T=T,
+            alpha=ALPHA,
+            epochs=args.epochs,
+        )
         print(f"online  run 1: {online_s:6.1f}s  val {acc:.4f}", flush=True)
 
     best_floor = min(floor, key=lambda r: r["total_s"])
     best_prod = min(prod, key=lambda r: r["total_s"])
     print(f"\n{'arm':34} {'teacher':>8} {'training':>9} {'total':>8}")
     print(f"{'online (DataLoader, teacher/step)':34} {'-':>8} {'-':>9} {fmt(online_s):>8}")
-    print(f"{'floor (cached logits, by hand)':34} {best_floor['label_s']:8.1f} {best_floor['train_s']:9.1f} "
-          f"{best_floor['total_s']:8.1f}")
-    print(f"{'product (soft_label + distill)':34} {best_prod['label_s']:8.1f} {best_prod['train_s']:9.1f} "
-          f"{best_prod['total_s']:8.1f}")
+    print(
+        f"{'floor (cached logits, by hand)':34} {best_floor['label_s']:8.1f} {best_floor['train_s']:9.1f} "
+        f"{best_floor['total_s']:8.1f}"
+    )
+    print(
+        f"{'product (soft_label + distill)':34} {best_prod['label_s']:8.1f} {best_prod['train_s']:9.1f} "
+        f"{best_prod['total_s']:8.1f}"
+    )
     if auto:
-        print(f"{'product, temperature/alpha auto':34} {auto['label_s']:8.1f} {auto['train_s']:9.1f} "
-              f"{auto['total_s']:8.1f}")
+        print(
+            f"{'product, temperature/alpha auto':34} {auto['label_s']:8.1f} {auto['train_s']:9.1f} "
+            f"{auto['total_s']:8.1f}"
+        )
     over_floor = best_prod["total_s"] / best_floor["total_s"]
-    print(f"\nproduct / floor: {over_floor:.3f} end to end, "
-          f"{best_prod['train_s'] / best_floor['train_s']:.3f} training only, "
-          f"{best_prod['label_s'] / best_floor['label_s']:.3f} teacher pass only")
+    print(
+        f"\nproduct / floor: {over_floor:.3f} end to end, "
+        f"{best_prod['train_s'] / best_floor['train_s']:.3f} training only, "
+        f"{best_prod['label_s'] / best_floor['label_s']:.3f} teacher pass only"
+    )
     if online_s is not None:
         speedup = online_s / best_prod["total_s"]
-        print(f"{'PASS' if speedup >= 3 else 'FAIL'}  online / product = {speedup:.2f}x end to end (target >= 3x)")
-    print(f"{'PASS' if over_floor <= 1.10 else 'FAIL'}  product within {100 * (over_floor - 1):+.1f}% of the floor "
-          f"(target <= +10%)")
+        print(
+            f"{'PASS' if speedup >= 3 else 'FAIL'}  online / product = {speedup:.2f}x end to end (target >= 3x)"
+        )
+    print(
+        f"{'PASS' if over_floor <= 1.10 else 'FAIL'}  product within {100 * (over_floor - 1):+.1f}% of the floor "
+        f"(target <= +10%)"
+    )
 
 
 def val_acc(result: dict) -> str:

@@ -30,13 +30,21 @@ class FashionCNN(nn.Module):
         super().__init__()
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
+            )
 
         self.features = nn.Sequential(
             block(1, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2), block(64, 128), nn.MaxPool2d(2)
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(128 * 3 * 3, 256), nn.ReLU(),
-                                  nn.Dropout(0.3), nn.Linear(256, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(0.3),
+            nn.Linear(128 * 3 * 3, 256),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(256, num_classes),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         # Accept flat or channel-less rows so the same file serves MLP-shaped datasets.
@@ -46,7 +54,9 @@ class FashionCNN(nn.Module):
 @torch.inference_mode()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float:
     model.eval()
-    hits = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
+    hits = sum(
+        int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch)
+    )
     return hits / len(x)
 
 
@@ -62,7 +72,11 @@ def train_teacher(epochs: int, seed: int = 0, batch_size: int = 128, lr: float =
     start = 0
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=True)
-        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), sched.load_state_dict(ckpt["sched"])
+        (
+            model.load_state_dict(ckpt["model"]),
+            opt.load_state_dict(ckpt["opt"]),
+            sched.load_state_dict(ckpt["sched"]),
+        )
         torch.set_rng_state(ckpt["rng"])
         start = ckpt["epoch"]
     for epoch in range(start, epochs):
@@ -78,15 +92,29 @@ def train_teacher(epochs: int, seed: int = 0, batch_size: int = 128, lr: float =
             opt.step()
             sched.step()
         acc = accuracy(model, xt, yt)
-        print(f"epoch {epoch + 1}/{epochs}  loss {loss.item():.3f}  t10k {acc:.4f}  {time.perf_counter() - t0:.0f}s",
-              flush=True)
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "epoch": epoch + 1}, ckpt_path)
+        print(
+            f"epoch {epoch + 1}/{epochs}  loss {loss.item():.3f}  t10k {acc:.4f}  {time.perf_counter() - t0:.0f}s",
+            flush=True,
+        )
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+            },
+            ckpt_path,
+        )
     model.eval()
     torch.jit.save(torch.jit.script(model), TEACHER_PATH)
-    info = {"test_accuracy": accuracy(model, xt, yt), "epochs": epochs, "seed": seed,
-            "params": sum(p.numel() for p in model.parameters()),
-            "preprocess": {"scale": 1 / 255, "mean": [0.2860], "std": [0.3530]}}
+    info = {
+        "test_accuracy": accuracy(model, xt, yt),
+        "epochs": epochs,
+        "seed": seed,
+        "params": sum(p.numel() for p in model.parameters()),
+        "preprocess": {"scale": 1 / 255, "mean": [0.2860], "std": [0.3530]},
+    }
     TEACHER_INFO.write_text(json.dumps(info, indent=2))
     ckpt_path.unlink()
     return info
