@@ -80,6 +80,12 @@ def test_npz_problems_are_named(tmp_path: Path) -> None:
     assert _code(err) == ("length_mismatch", "y")
 
 
+def test_num_classes_comes_from_labels_of_both_splits_unless_given() -> None:
+    x = np.zeros((2, 3), np.float32)
+    assert Dataset(x=x, y=np.array([0, 1]), x_val=x, y_val=np.array([4, -1])).num_classes == 5
+    assert Dataset(x=x, y=np.array([0, 1]), num_classes=10).num_classes == 10
+
+
 # ---------- CSV and Parquet
 
 

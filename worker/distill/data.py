@@ -33,6 +33,8 @@ class Dataset:
     y: np.ndarray | None = None  # None -> every row unlabelled
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
+    # From the class names or the largest label when not given; the teacher's output size is authoritative.
+    num_classes: int | None = None
     class_names: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -40,6 +42,8 @@ class Dataset:
             self.y = np.full(len(self.x), -1, np.int64)
         if self.x_val is not None and self.y_val is None:
             self.y_val = np.full(len(self.x_val), -1, np.int64)
+        if self.num_classes is None:
+            self.num_classes = self._classes_seen()
 
     def __len__(self) -> int:
         return len(self.x)
@@ -60,12 +64,11 @@ class Dataset:
     def has_validation(self) -> bool:
         return self.x_val is not None
 
-    @property
-    def num_classes(self) -> int | None:
-        """From the class names or the largest label; the teacher's output size is authoritative."""
+    def _classes_seen(self) -> int | None:
         if self.class_names:
             return len(self.class_names)
-        labels = [a[a >= 0] for a in (self.y, self.y_val) if a is not None]
+        arrays = [a for a in (self.y, self.y_val) if isinstance(a, np.ndarray) and a.dtype.kind in "iu"]
+        labels = [a[a >= 0] for a in arrays]  # malformed labels are validate_dataset's to report
         top = max((int(a.max()) for a in labels if a.size), default=-1)
         return top + 1 if top >= 0 else None
 
@@ -168,6 +171,7 @@ def _attach_validation(dataset: Dataset, val: Dataset) -> None:
         lookup = np.array([index[name] for name in val.class_names], np.int64)
         y_val = np.where(val.y >= 0, lookup[np.clip(val.y, 0, None)], -1)
     dataset.x_val, dataset.y_val = val.x, y_val
+    dataset.num_classes = dataset._classes_seen()
 
 
 def validate_dataset(dataset: Dataset, num_classes: int | None = None) -> None:
