@@ -21,6 +21,7 @@ from app.config import Settings
 from app.db import migrate
 from app.db.session import Database, session_scope
 from app.main import create_app
+from app.queue import CeleryEnqueuer, make_celery_client
 from app.storage import LocalStorage, Storage
 from app.tenants import service as tenants
 
@@ -100,9 +101,15 @@ def settings(pg_url: str, tmp_path: Path) -> Settings:
     )
 
 
+@pytest.fixture(scope="session")
+def enqueuer(broker: redis.Redis) -> CeleryEnqueuer:
+    """The app's default hook (a Celery client on Redis), built once: its connection pool is reused."""
+    return CeleryEnqueuer(make_celery_client(Settings(broker_url=REDIS_URL)))
+
+
 @pytest.fixture
-def app(settings: Settings, db: Database, storage: Storage, broker: redis.Redis) -> FastAPI:
-    return create_app(settings, db=db, storage=storage)
+def app(settings: Settings, db: Database, storage: Storage, enqueuer: CeleryEnqueuer) -> FastAPI:
+    return create_app(settings, db=db, storage=storage, enqueue=enqueuer)
 
 
 @pytest.fixture
