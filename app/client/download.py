@@ -35,12 +35,14 @@ def download_artifact(t: Transport, url: str, path: Path, expected: Artifact) ->
         try:
             response = t.request("GET", url, idempotent=True, stream=True, headers=headers,
                                  follow_redirects=True)
-            with response:
+            try:
                 etag = response.headers.get("ETag") or etag
                 mode = "ab" if response.status_code == 206 and _starts_at(response, offset) else "wb"
                 with part.open(mode) as out:
-                    for chunk in response.iter_bytes(CHUNK):
+                    for chunk in response.iter_bytes():  # as it arrives: a drop keeps all but the last bytes
                         out.write(chunk)
+            finally:
+                response.close()
             break
         except httpx.TransportError as exc:  # dropped mid-body: keep what arrived, ask for the rest
             if attempt == t.max_retries:

@@ -47,9 +47,10 @@ class Transport:
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
             args = {**kwargs, **(build() if build else {})}
+            follow = args.pop("follow_redirects", self.http.follow_redirects)
             try:
                 request = self.http.build_request(method, path, **args)
-                response = self.http.send(request, stream=stream)
+                response = self.http.send(request, stream=stream, follow_redirects=follow)
             except httpx.TransportError as exc:
                 last = exc
                 if not (idempotent or isinstance(exc, _NOT_SENT)) or attempt == self.max_retries:
