@@ -59,8 +59,11 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True)
+    if path.is_file() and path.read_text() == text:
+        return  # a resumed stage that changed nothing leaves the file (and its mirror) alone
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -168,8 +171,10 @@ def soft_label_stage(
                 np.savez(f, **arrays)
             os.replace(tmp, out_dir / name)
             entry = {"name": name, "rows": hi - lo, "sha256": sha256_file(out_dir / name)}
-        shards.append(entry)
-        _write_json_atomic(out_dir / MANIFEST, manifest)
+            shards.append(entry)
+            _write_json_atomic(out_dir / MANIFEST, manifest)  # the shard is vouched for once it is complete
+        else:
+            shards.append(entry)
         if on_progress:
             on_progress(
                 {

@@ -1,0 +1,156 @@
+"""`distill local`: the whole core on local files, no server: teacher + data in, student + report out.
+
+`--out DIR` is the work folder (docs/architecture.md): the inputs are copied under DIR/inputs, the student
+lands in DIR/out, and running the same command again resumes where it stopped. A user error prints
+`error: <code>: <message>` and exits 1; `--json` prints the final report as one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+EXIT_USER_ERROR = 1
+
+
+def _number_or_auto(value: str, name: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: expected a number or 'auto'", param_hint=f"--{name}") from None
+
+
+def _pairs(items: list[str]) -> dict[str, Any]:
+    """`key=value` settings; values parse as JSON when they can (`lr=0.01`, `preprocess={"scale":1}`)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise typer.BadParameter(f"{item!r}: expected key=value", param_hint="--set")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+class _Progress:
+    """One tqdm bar on stderr, restarted for each stage."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.bar, self.stage = enabled, None, None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if event["stage"] != self.stage:
+            self.close()
+            self.stage = event["stage"]
+            self.bar = tqdm(total=100, desc=self.stage, file=sys.stderr, unit="%", leave=True)
+        metrics = {k: v for k, v in (event.get("metrics") or {}).items() if isinstance(v, (int, float, str))}
+        if event.get("epoch") is not None:
+            metrics = {"epoch": event["epoch"], **metrics}
+        self.bar.set_postfix(
+            {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in list(metrics.items())[:5]}
+        )
+        self.bar.update(round(100 * float(event["progress"])) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def local(
+    teacher: Annotated[list[Path], typer.Option(help="teacher file; repeat for an ensemble", exists=True)],
+    dataset: Annotated[
+        Path, typer.Option(help="training data: npz, csv, parquet, image zip/tar, idx", exists=True)
+    ],
+    out: Annotated[Path, typer.Option(help="work folder; the student lands in OUT/out")],
+    student: Annotated[str, typer.Option(help="student spec, e.g. mlp:hidden=128 or cnn:channels=16,32")] = (
+        "mlp:hidden=128"
+    ),
+    val_dataset: Annotated[
+        Path | None, typer.Option(help="validation data (else a seeded holdout)", exists=True)
+    ] = None,
+    student_init: Annotated[
+        Path | None, typer.Option(help="TorchScript module to start from", exists=True)
+    ] = None,
+    method: Annotated[str, typer.Option(help="hinton, soft_target, mse_logits, dkd, dist")] = "hinton",
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    temperature: Annotated[str, typer.Option(help="number or auto")] = "auto",
+    alpha: Annotated[str, typer.Option(help="number in [0,1] or auto")] = "auto",
+    soft_labels: Annotated[str, typer.Option(help="full or topk")] = "full",
+    topk: Annotated[int, typer.Option(min=1, help="classes kept per row with --soft-labels topk")] = 5,
+    finetune_epochs: Annotated[int, typer.Option(min=0, help="hard-label epochs after distilling")] = 0,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="skip the hard-label baseline")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    set_: Annotated[list[str], typer.Option("--set", help="other setting, key=value (JSON value)")] = [],  # noqa: B006
+    as_json: Annotated[bool, typer.Option("--json", help="print the final report as JSON on stdout")] = False,
+    progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True,
+) -> None:
+    """Distil TEACHER into a small student on DATASET, evaluate it and export it, all locally."""
+    from worker.distill.config import DistillConfig
+    from worker.distill.errors import DistillError
+    from worker.distill.pipeline import prepare_inputs, run_all
+
+    settings = _pairs(set_) | {
+        "student": student, "method": method, "epochs": epochs, "seed": seed,
+        "temperature": _number_or_auto(temperature, "temperature"), "alpha": _number_or_auto(alpha, "alpha"),
+        "soft_label_format": soft_labels, "topk": topk, "finetune_epochs": finetune_epochs,
+        "baseline": not no_baseline,
+    }  # fmt: skip
+    bar = _Progress(progress)
+    try:
+        config = DistillConfig.from_dict(settings)
+        prepare_inputs(
+            out, teachers=teacher, dataset=dataset, validation=val_dataset, student_init=student_init
+        )
+        # Libraries that print to stdout (exporters) must not corrupt the JSON document.
+        with contextlib.redirect_stdout(sys.stderr):
+            report = run_all(out, config, bar)
+    except DistillError as exc:
+        bar.close()
+        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+    bar.close()
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+    else:
+        typer.echo(_summary(report, out))
+
+
+def _summary(report: dict[str, Any], out: Path) -> str:
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    t, s, b = report["teacher"], report["student"], report.get("baseline") or {}
+    hp = report["hyperparameters"]
+    lines = [
+        f"teacher accuracy   {pct(t.get('accuracy'))}",
+        f"student accuracy   {pct(s.get('accuracy'))}  (agreement with teacher {pct(s.get('agreement'))})",
+    ]
+    if b:
+        lines.append(
+            f"baseline accuracy  {pct(b.get('accuracy'))}  (KD gain {report.get('kd_gain_points')} points)"
+        )
+    if report.get("speedup"):
+        lines.append(
+            f"CPU speed-up       {report['speedup']:.1f}x, {report.get('compression') or 0:.1f}x fewer params"
+        )
+    lines.append(f"T={hp.get('temperature')} alpha={hp.get('alpha')}: {hp.get('why', '')}")
+    lines.append(f"student: {out / 'out'}")
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("local")(local)
