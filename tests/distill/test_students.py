@@ -14,6 +14,8 @@ from worker.distill.errors import ConfigError, MismatchError
 from worker.distill.students import STUDENTS, build_student, load_student_init
 
 torch.set_num_threads(1)
+# the legacy exporter is quick, which keeps these tests fast; export.py tries the dynamo one first
+pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
 
 CASES = [
     ("logreg", (6,)),

@@ -19,6 +19,8 @@ from worker.distill.students import build_student
 from worker.distill.teachers import check_compatible, detect_format, load_teacher
 
 torch.set_num_threads(1)
+# the legacy exporter is quick, which keeps these tests fast; export.py tries the dynamo one first
+pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
 ARCH = "mlp:hidden=16"
 
 

@@ -24,10 +24,6 @@ CHUNK = 1 << 20
 RATIO_FLOOR_BYTES = 1 << 20
 
 
-def is_archive(path: Path) -> bool:
-    return zipfile.is_zipfile(path) or _is_tar(path)
-
-
 def safe_extract(
     archive_path: Path,
     dest_dir: Path,
