@@ -96,8 +96,12 @@ def broker() -> Iterator[redis.Redis]:
 @pytest.fixture
 def settings(pg_url: str, tmp_path: Path) -> Settings:
     return Settings(
-        environment="test", database_url=pg_url, broker_url=REDIS_URL, storage_path=tmp_path / "objects",
-        max_upload_bytes=256 * 1024, key_cache_ttl_s=0,
+        environment="test",
+        database_url=pg_url,
+        broker_url=REDIS_URL,
+        storage_path=tmp_path / "objects",
+        max_upload_bytes=256 * 1024,
+        key_cache_ttl_s=0,
     )
 
 

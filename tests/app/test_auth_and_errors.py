@@ -32,14 +32,20 @@ def authenticated_routes(app: FastAPI) -> list[tuple[str, str]]:
     return routes
 
 
-def test_every_api_route_answers_401_without_a_valid_key(app: FastAPI, client: TestClient, db: Database) -> None:
+def test_every_api_route_answers_401_without_a_valid_key(
+    app: FastAPI, client: TestClient, db: Database
+) -> None:
     routes = authenticated_routes(app)
     assert len(routes) >= 10
     with session_scope(db) as session:
         revoked = tenants.create_key(session, "carol")
         tenants.revoke_key(session, revoked)
-    for headers in ({}, {"Authorization": "Bearer dsk_not-a-key"}, {"Authorization": "Basic dXNlcjpwYXNz"},
-                    {"Authorization": f"Bearer {revoked}"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer dsk_not-a-key"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": f"Bearer {revoked}"},
+    ):
         for method, path in routes:
             response = client.request(method, path, headers=headers)
             assert_problem(response, 401, "unauthorized")
@@ -69,15 +75,19 @@ def broken_client(tmp_path: Path) -> TestClient:
     """An app whose database and broker listen nowhere."""
     port = closed_port()
     settings = Settings(
-        environment="test", database_url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/nothing",
-        broker_url=f"redis://127.0.0.1:{port}/0", storage_path=tmp_path / "objects", readiness_timeout_s=1,
+        environment="test",
+        database_url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/nothing",
+        broker_url=f"redis://127.0.0.1:{port}/0",
+        storage_path=tmp_path / "objects",
+        readiness_timeout_s=1,
     )
     return TestClient(create_app(settings, storage=LocalStorage(tmp_path / "objects")))
 
 
 def test_an_unreachable_database_is_503_not_500(broken_client: TestClient) -> None:
-    body = assert_problem(broken_client.get("/v1/jobs", headers={"Authorization": "Bearer dsk_x"}), 503,
-                          "database_unavailable")
+    body = assert_problem(
+        broken_client.get("/v1/jobs", headers={"Authorization": "Bearer dsk_x"}), 503, "database_unavailable"
+    )
     assert "password" not in body["detail"] and "127.0.0.1" not in body["detail"]
     ready = broken_client.get("/readyz")
     assert ready.status_code == 503

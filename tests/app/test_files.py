@@ -39,13 +39,19 @@ def test_purpose_after_the_file_part_and_raw_body_uploads(client: TestClient, al
         "a,b\n1,2\n\r\n"
         f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\ndataset\r\n--{boundary}--\r\n'
     ).encode()
-    response = client.post("/v1/files", headers={**alice.headers, "Content-Type": f"multipart/form-data; "
-                                                   f"boundary={boundary}"}, content=raw)
+    response = client.post(
+        "/v1/files",
+        headers={**alice.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        content=raw,
+    )
     assert response.status_code == 201, response.text
     assert response.json()["purpose"] == "dataset" and response.json()["size"] == len(b"a,b\n1,2\n")
 
-    response = client.post("/v1/files?purpose=student_init&filename=init.safetensors", content=b"weights",
-                           headers={**alice.headers, "Content-Type": "application/octet-stream"})
+    response = client.post(
+        "/v1/files?purpose=student_init&filename=init.safetensors",
+        content=b"weights",
+        headers={**alice.headers, "Content-Type": "application/octet-stream"},
+    )
     assert response.status_code == 201, response.text
     assert response.json()["filename"] == "init.safetensors"
     assert response.json()["sha256"] == hashlib.sha256(b"weights").hexdigest()
@@ -54,8 +60,9 @@ def test_purpose_after_the_file_part_and_raw_body_uploads(client: TestClient, al
 def test_bad_purpose_names_the_field_and_stores_nothing(
     client: TestClient, alice: Tenant, storage: LocalStorage
 ) -> None:
-    response = client.post("/v1/files", headers=alice.headers, data={"purpose": "weights"},
-                           files={"file": ("x", b"abc")})
+    response = client.post(
+        "/v1/files", headers=alice.headers, data={"purpose": "weights"}, files={"file": ("x", b"abc")}
+    )
     body = assert_problem(response, 422, "validation_error")
     assert body["errors"][0]["field"] == "purpose"
     response = client.post("/v1/files", headers=alice.headers, content=b"abc")  # raw body, no purpose
@@ -67,8 +74,9 @@ def test_upload_over_the_cap_is_413_and_leaves_nothing(
     client: TestClient, alice: Tenant, storage: LocalStorage
 ) -> None:
     too_big = b"x" * (256 * 1024 + 1)
-    response = client.post("/v1/files", headers=alice.headers, data={"purpose": "dataset"},
-                           files={"file": ("big.bin", too_big)})
+    response = client.post(
+        "/v1/files", headers=alice.headers, data={"purpose": "dataset"}, files={"file": ("big.bin", too_big)}
+    )
     assert_problem(response, 413, "file_too_large")
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: the cap must trip while streaming
@@ -81,13 +89,18 @@ def test_upload_over_the_cap_is_413_and_leaves_nothing(
     boundary = "cap"
 
     def chunked_multipart() -> Iterator[bytes]:
-        yield (f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\ndataset\r\n'
-               f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n').encode()
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\ndataset\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n'
+        ).encode()
         yield from chunked()
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    response = client.post("/v1/files", content=chunked_multipart(),
-                           headers={**alice.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = client.post(
+        "/v1/files",
+        content=chunked_multipart(),
+        headers={**alice.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert_problem(response, 413, "file_too_large")
     assert stored_objects(storage) == []
     assert client.get("/v1/files", headers=alice.headers).json()["data"] == []
@@ -98,14 +111,24 @@ def test_malformed_multipart_is_400_and_leaves_nothing(
 ) -> None:
     multipart = {**alice.headers, "Content-Type": "multipart/form-data; boundary=zz"}
     truncated = b'--zz\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\npartial data'
-    assert_problem(client.post("/v1/files?purpose=teacher", headers=multipart, content=truncated), 400,
-                   "malformed_multipart")
+    assert_problem(
+        client.post("/v1/files?purpose=teacher", headers=multipart, content=truncated),
+        400,
+        "malformed_multipart",
+    )
     garbage = b"this is not multipart at all"
-    assert_problem(client.post("/v1/files?purpose=teacher", headers=multipart, content=garbage), 400,
-                   "malformed_multipart")
+    assert_problem(
+        client.post("/v1/files?purpose=teacher", headers=multipart, content=garbage),
+        400,
+        "malformed_multipart",
+    )
     no_boundary = {**alice.headers, "Content-Type": "multipart/form-data"}
-    assert_problem(client.post("/v1/files", headers=no_boundary, content=b"--x--"), 400, "malformed_multipart")
-    no_file = client.post("/v1/files", headers=alice.headers, data={"purpose": "teacher"}, files={"other": b"x"})
+    assert_problem(
+        client.post("/v1/files", headers=no_boundary, content=b"--x--"), 400, "malformed_multipart"
+    )
+    no_file = client.post(
+        "/v1/files", headers=alice.headers, data={"purpose": "teacher"}, files={"other": b"x"}
+    )
     assert_problem(no_file, 400, "malformed_multipart")
     assert stored_objects(storage) == []
 
@@ -130,7 +153,9 @@ def test_list_pages_filters_and_delete_removes_the_object(
 
 def test_files_are_invisible_to_other_tenants(client: TestClient, alice: Tenant, bob: Tenant) -> None:
     mine = upload(client, alice.headers, "teacher")["id"]
-    missing = assert_problem(client.get("/v1/files/file_doesnotexist", headers=bob.headers), 404, "file_not_found")
+    missing = assert_problem(
+        client.get("/v1/files/file_doesnotexist", headers=bob.headers), 404, "file_not_found"
+    )
     other = assert_problem(client.get(f"/v1/files/{mine}", headers=bob.headers), 404, "file_not_found")
     assert other == missing
     assert_problem(client.delete(f"/v1/files/{mine}", headers=bob.headers), 404, "file_not_found")
@@ -139,6 +164,7 @@ def test_files_are_invisible_to_other_tenants(client: TestClient, alice: Tenant,
 
 
 def test_register_needs_the_s3_backend(client: TestClient, alice: Tenant) -> None:
-    response = client.post("/v1/files/register", headers=alice.headers,
-                           json={"uri": "s3://bucket/key.npz", "purpose": "dataset"})
+    response = client.post(
+        "/v1/files/register", headers=alice.headers, json={"uri": "s3://bucket/key.npz", "purpose": "dataset"}
+    )
     assert_problem(response, 400, "s3_not_configured")

@@ -25,15 +25,19 @@ def test_create_job_fills_defaults_writes_an_event_and_enqueues(
     client: TestClient, alice: Tenant, broker: redis.Redis
 ) -> None:
     teacher, dataset = inputs(client, alice.headers)
-    response = client.post("/v1/jobs", headers=alice.headers,
-                           json=job_body(teacher, dataset, metadata={"team": "vision"}))
+    response = client.post(
+        "/v1/jobs", headers=alice.headers, json=job_body(teacher, dataset, metadata={"team": "vision"})
+    )
     assert response.status_code == 201, response.text
     job = response.json()
     assert job["id"].startswith("job_") and job["status"] == "queued" and job["stage"] is None
     assert job["progress"] == 0.0 and job["error"] is None and job["metadata"] == {"team": "vision"}
     assert job["config"]["epochs"] == 2 and job["config"]["student"] == "mlp:hidden=32"
-    assert job["config"]["method"] == "hinton" and job["config"]["export_formats"] == ["torchscript", "onnx",
-                                                                                         "safetensors"]
+    assert job["config"]["method"] == "hinton" and job["config"]["export_formats"] == [
+        "torchscript",
+        "onnx",
+        "safetensors",
+    ]
     assert set(job["timestamps"]) == {"queued"}
     assert job["id"] in queued_job_ids(broker)
     events = client.get(f"/v1/jobs/{job['id']}/events", headers=alice.headers).json()["data"]
@@ -59,13 +63,19 @@ def test_validation_errors_name_the_field(client: TestClient, alice: Tenant) -> 
     for field, change in cases.items():
         body = job_body(teacher, dataset)
         body = {**body, **change, "config": {**body["config"], **change.get("config", {})}}
-        problem = assert_problem(client.post("/v1/jobs", headers=alice.headers, json=body), 422, "validation_error")
+        problem = assert_problem(
+            client.post("/v1/jobs", headers=alice.headers, json=body), 422, "validation_error"
+        )
         assert [e["field"] for e in problem["errors"]] == [field], (field, problem)
-    missing = assert_problem(client.post("/v1/jobs", headers=alice.headers, json={"dataset_file_id": dataset}),
-                             422, "validation_error")
+    missing = assert_problem(
+        client.post("/v1/jobs", headers=alice.headers, json={"dataset_file_id": dataset}),
+        422,
+        "validation_error",
+    )
     assert missing["errors"][0]["field"] == "teacher_file_ids"
-    not_json = client.post("/v1/jobs", headers={**alice.headers, "Content-Type": "application/json"},
-                           content=b"{not json")
+    not_json = client.post(
+        "/v1/jobs", headers={**alice.headers, "Content-Type": "application/json"}, content=b"{not json"
+    )
     assert_problem(not_json, 422, "validation_error")
 
 
@@ -76,9 +86,16 @@ def test_input_files_must_exist_for_the_tenant_and_fit_their_slot(
     bobs_teacher = upload(client, bob.headers, "teacher")["id"]
     body = job_body(dataset, teacher, validation_file_id="file_nope")
     body["teacher_file_ids"].append(bobs_teacher)
-    problem = assert_problem(client.post("/v1/jobs", headers=alice.headers, json=body), 422, "invalid_input_file")
+    problem = assert_problem(
+        client.post("/v1/jobs", headers=alice.headers, json=body), 422, "invalid_input_file"
+    )
     fields = {e["field"]: e["message"] for e in problem["errors"]}
-    assert set(fields) == {"teacher_file_ids.0", "teacher_file_ids.1", "dataset_file_id", "validation_file_id"}
+    assert set(fields) == {
+        "teacher_file_ids.0",
+        "teacher_file_ids.1",
+        "dataset_file_id",
+        "validation_file_id",
+    }
     assert "purpose 'dataset', expected 'teacher'" in fields["teacher_file_ids.0"]
     assert "no such file" in fields["teacher_file_ids.1"]  # bob's file does not exist for alice
 
@@ -97,18 +114,24 @@ def test_idempotency_key_replays_the_same_job_and_refuses_another_body(
     assert_problem(other, 409, "idempotency_key_reused")
     # keys are per tenant: bob may use the same key for his own job
     bob_teacher, bob_dataset = inputs(client, bob.headers)
-    bobs = client.post("/v1/jobs", headers={**bob.headers, "Idempotency-Key": "retry-1"},
-                       json=job_body(bob_teacher, bob_dataset))
+    bobs = client.post(
+        "/v1/jobs",
+        headers={**bob.headers, "Idempotency-Key": "retry-1"},
+        json=job_body(bob_teacher, bob_dataset),
+    )
     assert bobs.status_code == 201 and bobs.json()["id"] != first.json()["id"]
-    bad_key = client.post("/v1/jobs", headers={**alice.headers, "Idempotency-Key": "x" * 300},
-                          json=job_body(teacher, dataset))
+    bad_key = client.post(
+        "/v1/jobs", headers={**alice.headers, "Idempotency-Key": "x" * 300}, json=job_body(teacher, dataset)
+    )
     assert assert_problem(bad_key, 422, "validation_error")["errors"][0]["field"] == "Idempotency-Key"
 
 
 def test_cursor_paging_and_status_filter(client: TestClient, alice: Tenant) -> None:
     teacher, dataset = inputs(client, alice.headers)
-    ids = [client.post("/v1/jobs", headers=alice.headers, json=job_body(teacher, dataset)).json()["id"]
-           for _ in range(5)]
+    ids = [
+        client.post("/v1/jobs", headers=alice.headers, json=job_body(teacher, dataset)).json()["id"]
+        for _ in range(5)
+    ]
     seen, cursor = [], None
     while True:
         url = "/v1/jobs?limit=2" + (f"&cursor={cursor}" if cursor else "")
@@ -134,8 +157,10 @@ def test_cancel_then_cancel_again_is_409(client: TestClient, alice: Tenant) -> N
     assert response.status_code == 200 and response.json()["status"] == "cancelled"
     assert set(response.json()["timestamps"]) == {"queued", "cancelled"}
     assert_problem(client.post(f"/v1/jobs/{job_id}/cancel", headers=alice.headers), 409, "job_finished")
-    kinds = [(e["kind"], e["data"].get("to")) for e in
-             client.get(f"/v1/jobs/{job_id}/events", headers=alice.headers).json()["data"]]
+    kinds = [
+        (e["kind"], e["data"].get("to"))
+        for e in client.get(f"/v1/jobs/{job_id}/events", headers=alice.headers).json()["data"]
+    ]
     assert kinds == [("status", "queued"), ("status", "cancelled")]
     after = client.get(f"/v1/jobs/{job_id}/events?after=1", headers=alice.headers).json()["data"]
     assert [e["seq"] for e in after] == [2]
@@ -150,11 +175,18 @@ def test_files_used_by_unfinished_jobs_cannot_be_deleted(client: TestClient, ali
     assert client.get(f"/v1/jobs/{job_id}", headers=alice.headers).json()["dataset_file_id"] == dataset
 
 
-def test_other_tenants_jobs_look_exactly_like_missing_ones(client: TestClient, alice: Tenant, bob: Tenant) -> None:
+def test_other_tenants_jobs_look_exactly_like_missing_ones(
+    client: TestClient, alice: Tenant, bob: Tenant
+) -> None:
     teacher, dataset = inputs(client, alice.headers)
     job_id = client.post("/v1/jobs", headers=alice.headers, json=job_body(teacher, dataset)).json()["id"]
-    for suffix, method in (("", "GET"), ("/events", "GET"), ("/cancel", "POST"), ("/artifacts", "GET"),
-                           ("/artifacts/report.json", "GET")):
+    for suffix, method in (
+        ("", "GET"),
+        ("/events", "GET"),
+        ("/cancel", "POST"),
+        ("/artifacts", "GET"),
+        ("/artifacts/report.json", "GET"),
+    ):
         theirs = client.request(method, f"/v1/jobs/{job_id}{suffix}", headers=bob.headers)
         nobody = client.request(method, f"/v1/jobs/job_000000000000000000000000{suffix}", headers=bob.headers)
         assert theirs.status_code == nobody.status_code == 404

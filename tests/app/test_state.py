@@ -13,7 +13,15 @@ from app.db.base import utcnow
 from app.db.session import Database, session_scope
 from app.jobs import service
 from app.jobs.models import Job
-from app.jobs.state import PIPELINE, RUNNING, STATES, TERMINAL, InvalidTransition, can_transition, check_transition
+from app.jobs.state import (
+    PIPELINE,
+    RUNNING,
+    STATES,
+    TERMINAL,
+    InvalidTransition,
+    can_transition,
+    check_transition,
+)
 from tests.app.conftest import Tenant
 from tests.app.helpers import inputs, job_body
 
@@ -50,8 +58,9 @@ def test_a_job_runs_through_every_stage_with_timestamps_events_and_artifacts(
         if stage == "distilling":
             for epoch in (1, 1, 2):  # the same epoch reported twice writes one epoch event
                 with session_scope(db) as session:
-                    assert service.record_progress(session, job_id, epoch / 2, epoch, {"val_acc": 0.5 + epoch / 10,
-                                                                                        "loss": float("nan")})
+                    assert service.record_progress(
+                        session, job_id, epoch / 2, epoch, {"val_acc": 0.5 + epoch / 10, "loss": float("nan")}
+                    )
             assert client.get(f"/v1/jobs/{job_id}", headers=alice.headers).json()["epoch"] == 2
     with session_scope(db) as session:
         service.add_artifact(session, job_id, "report.json", "k1", 10, "a" * 64, "application/json")
@@ -68,7 +77,9 @@ def test_a_job_runs_through_every_stage_with_timestamps_events_and_artifacts(
     assert [e["data"]["to"] for e in events if e["kind"] == "status"] == list(PIPELINE)
     assert [e["data"]["epoch"] for e in events if e["kind"] == "epoch"] == [1, 2]
     artifacts = client.get(f"/v1/jobs/{job_id}/artifacts", headers=alice.headers).json()["data"]
-    assert artifacts == [{"name": "report.json", "size": 12, "sha256": "b" * 64, "content_type": "application/json"}]
+    assert artifacts == [
+        {"name": "report.json", "size": 12, "sha256": "b" * 64, "content_type": "application/json"}
+    ]
 
 
 def test_claim_stage_is_compare_and_set(db: Database, job_id: str) -> None:
@@ -88,14 +99,19 @@ def test_an_expired_lease_is_taken_over_and_counted_as_an_attempt(db: Database, 
         assert service.renew_lease(session, job_id, "worker-1")
         assert not service.renew_lease(session, job_id, "worker-2")
     with session_scope(db) as session:
-        session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        session.execute(
+            update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
         assert [j.id for j in service.jobs_with_expired_lease(session)] == [job_id]
     with session_scope(db) as session:
         job = service.claim_stage(session, job_id, "soft_labeling", "soft_labeling", "worker-2")
         assert job is not None and job.attempts == 2 and job.lease_owner == "worker-2"
         events = service.list_events(session, job.tenant_id, job_id, after=0, limit=100)
         assert events[-1].kind == "resumed" and events[-1].data == {
-            "stage": "soft_labeling", "worker_id": "worker-2", "attempt": 2}
+            "stage": "soft_labeling",
+            "worker_id": "worker-2",
+            "attempt": 2,
+        }
 
 
 def test_cancel_stops_the_worker_at_its_next_report(
@@ -120,17 +136,24 @@ def test_fail_job_records_a_stable_code_and_message(
         service.claim_stage(session, job_id, "queued", "soft_labeling", "worker-1")
         assert service.fail_job(session, job_id, "invalid_teacher", "teacher.pt is not a model")
     job = client.get(f"/v1/jobs/{job_id}", headers=alice.headers).json()
-    assert job["status"] == "failed" and job["error"] == {"code": "invalid_teacher",
-                                                          "message": "teacher.pt is not a model"}
+    assert job["status"] == "failed" and job["error"] == {
+        "code": "invalid_teacher",
+        "message": "teacher.pt is not a model",
+    }
     last = client.get(f"/v1/jobs/{job_id}/events", headers=alice.headers).json()["data"][-1]
-    assert last["data"] == {"from": "soft_labeling", "to": "failed", "code": "invalid_teacher",
-                            "message": "teacher.pt is not a model"}
+    assert last["data"] == {
+        "from": "soft_labeling",
+        "to": "failed",
+        "code": "invalid_teacher",
+        "message": "teacher.pt is not a model",
+    }
 
 
 def test_job_inputs_resolve_the_files_in_slot_order(db: Database, client: TestClient, alice: Tenant) -> None:
     teacher, dataset = inputs(client, alice.headers)
-    job_id = client.post("/v1/jobs", headers=alice.headers,
-                         json=job_body(teacher, dataset, validation_file_id=dataset)).json()["id"]
+    job_id = client.post(
+        "/v1/jobs", headers=alice.headers, json=job_body(teacher, dataset, validation_file_id=dataset)
+    ).json()["id"]
     with session_scope(db) as session:
         job = service.get_job_for_worker(session, job_id)
         assert job is not None
