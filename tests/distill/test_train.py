@@ -174,3 +174,27 @@ def test_baseline_trains_on_labelled_rows_and_auto_settings_are_refused():
         train(_mlp(), train_data, None, "hinton", _config(temperature="auto"))
     with pytest.raises(ConfigError, match="teacher logits"):
         train(_mlp(), TensorData(train_data.x, train_data.y), None, "hinton", _config())
+
+
+def test_a_stop_inside_an_epoch_discards_only_that_epoch(tmp_path, monkeypatch):
+    import worker.distill.train as train_module
+
+    train_data, val_data = _data(100, seed=1), _data(40, seed=2)
+    config = _config(epochs=3)
+    whole = _mlp()
+    train(whole, train_data, val_data, "hinton", config)
+
+    stop, on_epoch = _stop_after(1)
+    with pytest.raises(Stopped):  # finish epoch 1, then ask to stop at the epoch boundary
+        train(_mlp(), train_data, val_data, "hinton", config, ckpt_dir=tmp_path, stop=stop, on_epoch=on_epoch)
+    monkeypatch.setattr(train_module, "STOP_CHECK_SECONDS", -1.0)  # poll on every step
+    with pytest.raises(Stopped) as stopped:
+        train(_mlp(), train_data, val_data, "hinton", config, ckpt_dir=tmp_path, stop=lambda: True)
+    assert stopped.value.epoch == 1  # epoch 2 was cut short and is not checkpointed
+    assert json.loads((tmp_path / "latest.json").read_text())["epoch"] == 1
+
+    monkeypatch.setattr(train_module, "STOP_CHECK_SECONDS", 5.0)
+    student = _mlp(seed=8)
+    assert train(student, train_data, val_data, "hinton", config, ckpt_dir=tmp_path).resumed_from == 1
+    for a, b in zip(whole.state_dict().values(), student.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

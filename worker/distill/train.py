@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,6 @@ class TrainResult:
     metric: str  # what "best" means: "val_acc", "agreement", or "last" (nothing to validate on)
     resumed_from: int | None = None  # the checkpoint epoch this call started from
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Stopped(Exception):  # noqa: N818 - reads as "training stopped", raised on request, not a fault
