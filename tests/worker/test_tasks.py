@@ -1,4 +1,4 @@
-"""The two tasks, called as a worker calls them, on a real embedded service (SQLite, folder, SQLite broker)."""
+"""The two tasks, called as a worker calls them, on a real embedded service (SQLite, folder, broker)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,85 @@
+"""A stage's child killed (as by the OOM killer) costs one attempt; cancel stops a running stage in seconds."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+
+from worker.tasks.jobs import run_distill, run_soft_label
+
+
+def stage_child(timeout: float = 60) -> multiprocessing.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in multiprocessing.active_children():
+            if child.name == "distill-stage":
+                return child
+        time.sleep(0.05)
+    raise AssertionError("no stage process started")
+
+
+def run_in_thread(fn, *args) -> threading.Thread:  # type: ignore[no-untyped-def]
+    thread = threading.Thread(target=fn, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def kill_distill_stage(service, job_id: str) -> None:  # type: ignore[no-untyped-def]
+    thread = run_in_thread(run_distill, service.ctx, job_id)
+    os.kill(stage_child().pid, signal.SIGKILL)
+    thread.join(60)
+    assert not thread.is_alive()
+
+
+def test_a_killed_stage_is_retried_and_the_next_attempt_succeeds(service, submit_job):
+    job_id = submit_job()
+    run_soft_label(service.ctx, job_id)
+    kill_distill_stage(service, job_id)
+
+    job = service.http.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "distilling"  # not failed: one attempt is gone, the job is not
+    events = service.http.get(f"/v1/jobs/{job_id}/events").json()["data"]
+    failed = [e["data"] for e in events if e["kind"] == "attempt_failed"]
+    assert [(f["code"], f["attempt"]) for f in failed] == [("stage_killed", 1)]
+    assert "out-of-memory" in failed[0]["message"]
+    assert ("distill.distill", [job_id]) in service.queued_messages()  # the retry, after a back-off
+
+    run_distill(service.ctx, job_id)  # the retry's delivery
+    job = service.http.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job
+    kinds = [e["kind"] for e in service.http.get(f"/v1/jobs/{job_id}/events").json()["data"]]
+    assert kinds.count("resumed") == 1
+
+
+def test_a_stage_that_dies_every_time_fails_the_job_after_max_attempts(service, submit_job):
+    job_id = submit_job()  # the fixture's settings allow 2 attempts
+    run_soft_label(service.ctx, job_id)
+    kill_distill_stage(service, job_id)
+    kill_distill_stage(service, job_id)
+    job = service.http.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "stage_killed" and "attempt 2 of 2" in job["error"]["message"]
+
+
+def test_cancel_stops_a_running_stage_within_seconds(service, submit_job):
+    job_id = submit_job(epochs=2000)
+    run_soft_label(service.ctx, job_id)
+    thread = run_in_thread(run_distill, service.ctx, job_id)
+    child = stage_child()
+    deadline = time.monotonic() + 60
+    while (service.http.get(f"/v1/jobs/{job_id}").json()["epoch"] or 0) < 1:
+        assert time.monotonic() < deadline, "training never reported an epoch"
+        time.sleep(0.1)
+    cancelled_at = time.monotonic()
+    assert service.http.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    thread.join(30)
+    assert not thread.is_alive() and not child.is_alive()
+    assert time.monotonic() - cancelled_at < 10
+    job = service.http.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled"
+    names = {a["name"] for a in service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
+    assert names == {"soft_labels_manifest.json"}  # no student from a cancelled run
+    assert not service.ctx.work_dir(job_id).exists()
