@@ -1,4 +1,4 @@
-"""A stage's child killed (as by the OOM killer) costs one attempt; cancel stops a running stage in seconds."""
+"""A stage killed (as by the OOM killer) costs one attempt; cancel stops a running stage in seconds."""
 
 from __future__ import annotations
 
