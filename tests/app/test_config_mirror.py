@@ -1,0 +1,61 @@
+"""The API validates job settings without importing the worker; these checks keep its copies of the core's
+names (config fields, methods, students, formats) equal to the core's own, so the two cannot drift."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from app.jobs import config_schema
+from app.jobs.schemas import JobCreate
+
+core_config = pytest.importorskip("worker.distill.config")
+
+
+def test_every_core_setting_is_accepted_and_nothing_else() -> None:
+    core_fields = {f.name for f in dataclasses.fields(core_config.DistillConfig)} - {"student"}
+    assert set(config_schema.DistillConfigSchema.model_fields) == core_fields
+    core_pre = {f.name for f in dataclasses.fields(core_config.Preprocess)}
+    assert set(config_schema.PreprocessSchema.model_fields) == core_pre
+
+
+def test_defaults_are_the_cores_defaults_and_the_core_accepts_what_the_api_stores() -> None:
+    request = JobCreate(teacher_file_ids=["file_a"], dataset_file_id="file_b")
+    stored = request.distill_config()
+    assert stored == core_config.DistillConfig().to_dict()
+    core_config.DistillConfig.from_dict(stored)  # the worker's first step must not fail on our output
+    custom = JobCreate(
+        teacher_file_ids=["file_a"],
+        dataset_file_id="file_b",
+        student="cnn:channels=8,16",
+        config={
+            "method": "dkd",
+            "temperature": 3,
+            "alpha": 0.5,
+            "preprocess": {"scale": 0.5, "mean": 0.1, "std": 0.3},
+            "soft_label_format": "topk",
+            "export_formats": ["onnx"],
+            "teacher_arch": "mlp:hidden=64",
+        },
+    ).distill_config()
+    core_config.DistillConfig.from_dict(custom)
+
+
+def test_names_match_the_core_registries() -> None:
+    losses = pytest.importorskip("worker.distill.losses")
+    students = pytest.importorskip("worker.distill.students")
+    teachers = pytest.importorskip("worker.distill.teachers")
+    assert set(config_schema.METHODS) == set(losses.METHODS.names())
+    assert set(config_schema.STUDENTS) == set(students.STUDENTS.names())
+    assert set(config_schema.TEACHER_FORMATS) == {"auto", *teachers.FORMATS}
+    assert config_schema.EXPORT_FORMATS == core_config.EXPORT_FORMATS
+    assert config_schema.OPTIMIZERS == core_config.OPTIMIZERS
+    assert config_schema.SCHEDULES == core_config.SCHEDULES
+    assert config_schema.SOFT_LABEL_FORMATS == core_config.SOFT_LABEL_FORMATS
+
+
+@pytest.mark.parametrize("spec", ["mlp", "mlp:hidden=128,64;dropout=0.1", "resnet:depth=8", "logreg:"])
+def test_student_specs_the_core_parses_are_accepted(spec: str) -> None:
+    name, _ = core_config.parse_model_spec(spec)
+    assert config_schema.parse_model_spec(spec, "student")[0] == name
