@@ -18,8 +18,8 @@ import typer
 EXIT_USER_ERROR = 1
 
 
-def _number_or_auto(value: str, name: str) -> float | str:
-    if value == "auto":
+def _number_or_auto(value: str | None, name: str) -> float | str | None:
+    if value is None or value == "auto":
         return value
     try:
         return float(value)
@@ -76,24 +76,28 @@ def local(
         Path, typer.Option(help="training data: npz, csv, parquet, image zip/tar, idx", exists=True)
     ],
     out: Annotated[Path, typer.Option(help="work folder; the student lands in OUT/out")],
-    student: Annotated[str, typer.Option(help="student spec, e.g. mlp:hidden=128 or cnn:channels=16,32")] = (
-        "mlp:hidden=128"
-    ),
+    student: Annotated[str | None, typer.Option(help="student spec (default mlp:hidden=128)")] = None,
     val_dataset: Annotated[
         Path | None, typer.Option(help="validation data (else a seeded holdout)", exists=True)
     ] = None,
     student_init: Annotated[
         Path | None, typer.Option(help="TorchScript module to start from", exists=True)
     ] = None,
-    method: Annotated[str, typer.Option(help="hinton, soft_target, mse_logits, dkd, dist")] = "hinton",
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
-    temperature: Annotated[str, typer.Option(help="number or auto")] = "auto",
-    alpha: Annotated[str, typer.Option(help="number in [0,1] or auto")] = "auto",
-    soft_labels: Annotated[str, typer.Option(help="full or topk")] = "full",
-    topk: Annotated[int, typer.Option(min=1, help="classes kept per row with --soft-labels topk")] = 5,
-    finetune_epochs: Annotated[int, typer.Option(min=0, help="hard-label epochs after distilling")] = 0,
+    method: Annotated[
+        str | None, typer.Option(help="hinton (default), soft_target, mse_logits, dkd, dist")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="default 10")] = None,
+    temperature: Annotated[str | None, typer.Option(help="number or auto (default)")] = None,
+    alpha: Annotated[str | None, typer.Option(help="number in [0,1] or auto (default)")] = None,
+    soft_labels: Annotated[str | None, typer.Option(help="full (default) or topk")] = None,
+    topk: Annotated[
+        int | None, typer.Option(help="classes kept per row with --soft-labels topk (default 5)")
+    ] = None,
+    finetune_epochs: Annotated[
+        int | None, typer.Option(help="hard-label epochs after distilling (default 0)")
+    ] = None,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="skip the hard-label baseline")] = False,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int | None, typer.Option(help="default 0")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="other setting, key=value (JSON value)")] = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="print the final report as JSON on stdout")] = False,
     progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True,
@@ -103,12 +107,14 @@ def local(
     from worker.distill.errors import DistillError
     from worker.distill.pipeline import prepare_inputs, run_all
 
-    settings = _pairs(set_) | {
+    named = {
         "student": student, "method": method, "epochs": epochs, "seed": seed,
         "temperature": _number_or_auto(temperature, "temperature"), "alpha": _number_or_auto(alpha, "alpha"),
         "soft_label_format": soft_labels, "topk": topk, "finetune_epochs": finetune_epochs,
-        "baseline": not no_baseline,
+        "baseline": False if no_baseline else None,
     }  # fmt: skip
+    # A flag given on the command line wins over --set; one left out leaves --set or the config default.
+    settings = _pairs(set_) | {k: v for k, v in named.items() if v is not None}
     bar = _Progress(progress)
     try:
         config = DistillConfig.from_dict(settings)
@@ -144,8 +150,9 @@ def _summary(report: dict[str, Any], out: Path) -> str:
             f"baseline accuracy  {pct(b.get('accuracy'))}  (KD gain {report.get('kd_gain_points')} points)"
         )
     if report.get("speedup"):
+        ratio = report.get("compression") or 0
         lines.append(
-            f"CPU speed-up       {report['speedup']:.1f}x, {report.get('compression') or 0:.1f}x fewer params"
+            f"CPU speed-up       {report['speedup']:.1f}x  (teacher/student parameters {ratio:.1f}x)"
         )
     lines.append(f"T={hp.get('temperature')} alpha={hp.get('alpha')}: {hp.get('why', '')}")
     lines.append(f"student: {out / 'out'}")
