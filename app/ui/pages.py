@@ -13,7 +13,8 @@ def layout(title: str, body: str, script: str, *, data: dict[str, str] | None = 
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{escape(title)} · distill</title><link rel="stylesheet" href="/ui/static/style.css"></head>
+<title>{escape(title)} · distill</title><link rel="icon" href="data:,">
+<link rel="stylesheet" href="/ui/static/style.css"></head>
 <body><header><a class="brand" href="/ui">distill</a><nav><a href="/ui">Jobs</a><a href="/ui/new">New job</a>
 <a href="#" id="logout">Log out</a></nav></header>
 <main id="page"{attrs}>{body}</main>

@@ -82,6 +82,7 @@ const Distill = (() => {
     if (node) node.textContent = err ? String(err) : "";
   }
 
+  if (!key()) toLogin();  // every page but the login needs the key; send the user there first
   document.addEventListener("DOMContentLoaded", () => {
     const out = document.getElementById("logout");
     if (out) out.addEventListener("click", (e) => { e.preventDefault(); clearKey(); location.href = "/ui/login"; });

@@ -59,7 +59,8 @@
     status.textContent = job.status;
     status.className = `badge ${job.status}`;
     document.getElementById("progress-bar").style.width = `${Math.round(100 * (job.progress || 0))}%`;
-    const bits = [job.stage || job.status, `${Math.round(100 * (job.progress || 0))}%`];
+    const done = TERMINAL.has(job.status);
+    const bits = done ? [job.status] : [job.stage || job.status, `${Math.round(100 * (job.progress || 0))}%`];
     if (job.epoch !== null && job.epoch !== undefined) bits.push(`epoch ${job.epoch}`);
     const acc = first(job.metrics, VAL_ACC);
     if (acc !== undefined) bits.push(`val acc ${fmt.pct(acc)}`);
@@ -80,7 +81,7 @@
       const state = li.dataset.state;
       const at = ts[state];
       li.classList.toggle("done", Boolean(at));
-      li.classList.toggle("current", state === job.status);
+      li.classList.toggle("current", state === job.status && !done);
       const next = items.slice(i + 1).map((n) => ts[n.dataset.state]).find(Boolean);
       const took = at && next ? ` (${fmt.seconds((new Date(next) - new Date(at)) / 1000)})` : "";
       li.querySelector(".when").textContent = at ? fmt.time(at) + took : "";

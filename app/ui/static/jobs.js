@@ -16,7 +16,7 @@
     return el("tr", { "data-job-id": job.id },
       el("td", {}, el("a", { href: `/ui/jobs/${encodeURIComponent(job.id)}`, text: job.id })),
       el("td", {}, el("span", { class: `badge ${job.status}`, text: job.status })),
-      el("td", { text: job.stage || "" }),
+      el("td", { text: TERMINAL.has(job.status) ? "" : job.stage || "" }),
       el("td", {}, bar(pct), `${pct}%`),
       el("td", { text: (job.config && job.config.student) || "" }),
       el("td", { text: fmt.time(job.created_at) }));
