@@ -30,12 +30,14 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """`split` "train" or "t10k" -> raw pixels float32 (N, 1, 28, 28) in [0, 255], labels int64 (N,)."""
-    x = read_idx(FMNIST_DIR / f"{split}-images-idx3-ubyte.gz").astype(np.float32)[:, None]
+    """`split` "train" or "t10k" -> raw pixels uint8 (N, 1, 28, 28), labels int64 (N,).
+
+    Raw uint8 is what a user uploads (4x smaller NPZ files than float32); the product casts to float32."""
+    x = read_idx(FMNIST_DIR / f"{split}-images-idx3-ubyte.gz")[:, None]
     y = read_idx(FMNIST_DIR / f"{split}-labels-idx1-ubyte.gz").astype(np.int64)
     return x, y
 
 
 def preprocess(x: np.ndarray) -> np.ndarray:
     """The same `(x * scale - mean) / std` the product's `Preprocess` applies."""
-    return ((x * SCALE - MEAN) / STD).astype(np.float32)
+    return ((x.astype(np.float32) * SCALE - MEAN) / STD).astype(np.float32)

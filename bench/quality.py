@@ -47,66 +47,50 @@ def stratified_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 def run_seed(seed: int, args, teacher_logits: torch.Tensor, data, work_root: Path) -> dict:
-    """All arms of one seed -> {(setting, student, arm): test accuracy in points} and extras."""
+    """All arms of one seed -> {"acc": {(setting, student, arm): t10k accuracy in points}, "extra": ...}."""
     x_raw, y_all, x_pre, x_test_raw, x_test_pre, y_test = data
     tr, va = product.product_split(len(y_all), y_all, 0.1, seed)
     sub = tr[stratified_subset(y_all[tr], args.label_fraction, seed)]
-    labels_c = np.where(np.isin(tr, sub), y_all[tr], -1)
-    settings = {"a": (tr, y_all[tr]), "b": (sub, y_all[sub]), "c": (tr, labels_c)}
+    settings = {
+        "a": (tr, y_all[tr]),
+        "b": (sub, y_all[sub]),
+        "c": (tr, np.where(np.isin(tr, sub), y_all[tr], -1)),
+    }
     x_val, y_val = torch.from_numpy(x_pre[va]), torch.from_numpy(y_all[va])
-    y_test_t = torch.from_numpy(y_test)
+    test_raw = torch.from_numpy(x_test_raw.astype(np.float32))  # the exported student takes raw pixels
+    test_pre, test_y = torch.from_numpy(x_test_pre), torch.from_numpy(y_test)
     acc, extra = {}, {}
     for name in args.settings:
         idx, y = settings[name]
+        x_t, y_t = torch.from_numpy(x_pre[idx]), torch.from_numpy(y)
         previous: Path | None = None
         for spec in args.students:
-            work = product.make_work(
-                work_dir(work_root, seed, name, spec),
-                TEACHER_PATH,
-                x_raw[idx],
-                y,
-                x_raw[va],
-                y_all[va],
-                soft_labels_from=previous,
+            work = work_root / f"s{seed}-{name}-{spec.replace(':', '-').replace('=', '')}"
+            product.make_work(
+                work, TEACHER_PATH, x_raw[idx], y, x_raw[va], y_all[va], soft_labels_from=previous
             )
-            cfg = product.config(spec, epochs=args.epochs, seed=seed)
-            result = product.run(work, cfg)
-            acc[name, spec, "distilled"] = 100 * raw.accuracy(
-                result["student"], torch.from_numpy(x_test_raw), y_test_t
-            )
+            result = product.run(work, product.config(spec, epochs=args.epochs, seed=seed))
+            acc[name, spec, "distilled"] = 100 * raw.accuracy(result["student"], test_raw, test_y)
             extra[name, spec] = {"chosen": chosen(result["distill"]), "seconds": result["seconds"]}
+            if previous is not None:
+                shutil.rmtree(previous)
             previous = work
 
-            x_t, y_t = torch.from_numpy(x_pre[idx]), torch.from_numpy(y)
-            shape, n_cls = tuple(x_pre.shape[1:]), 10
             if name in ("a", "b"):
-                model, _ = raw.fit(
-                    build_student(spec, shape, n_cls), x_t, y_t, x_val, y_val, epochs=args.epochs, seed=seed
-                )
-                acc[name, spec, "alone"] = 100 * raw.accuracy(model, torch.from_numpy(x_test_pre), y_test_t)
-            if not args.no_textbook:
-                model, _ = raw.fit(
-                    build_student(spec, shape, n_cls),
-                    x_t,
-                    y_t,
-                    x_val,
-                    y_val,
-                    logits=teacher_logits[idx],
-                    T=4.0,
-                    alpha=0.9,
-                    epochs=args.epochs,
-                    seed=seed,
-                )
-                acc[name, spec, "textbook"] = 100 * raw.accuracy(
-                    model, torch.from_numpy(x_test_pre), y_test_t
-                )
-        for spec in args.students:
-            shutil.rmtree(work_dir(work_root, seed, name, spec), ignore_errors=True)
+                model, _ = raw.fit(fresh(spec, seed), x_t, y_t, x_val, y_val, epochs=args.epochs, seed=seed)
+                acc[name, spec, "alone"] = 100 * raw.accuracy(model, test_pre, test_y)
+            if args.textbook:
+                model, _ = raw.fit(fresh(spec, seed), x_t, y_t, x_val, y_val, logits=teacher_logits[idx],
+                                   T=4.0, alpha=0.9, epochs=args.epochs, seed=seed)  # fmt: skip
+                acc[name, spec, "textbook"] = 100 * raw.accuracy(model, test_pre, test_y)
+        shutil.rmtree(previous)
     return {"acc": acc, "extra": extra}
 
 
-def work_dir(root: Path, seed: int, setting: str, spec: str) -> Path:
-    return root / f"s{seed}-{setting}-{spec.replace(':', '-').replace('=', '')}"
+def fresh(spec: str, seed: int) -> torch.nn.Module:
+    """The student untrained, seeded as the product seeds it, so both arms start from the same weights."""
+    torch.manual_seed(seed)
+    return build_student(spec, (1, 28, 28), 10)
 
 
 def chosen(distill_result: dict) -> str:
@@ -128,7 +112,13 @@ def main() -> None:
         help="hidden sizes of the MLP students, comma-separated",
     )
     parser.add_argument("--label-fraction", type=float, default=0.03)
-    parser.add_argument("--no-textbook", action="store_true", help="skip the raw T=4/alpha=0.9 KD column")
+    parser.add_argument(
+        "--textbook",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the raw T=4/alpha=0.9 KD column (--no-textbook skips it)",
+    )
+    parser.add_argument("--train-rows", type=int, help="use a stratified subset of the 60k rows (smoke runs)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=CACHE_DIR / "quality.json")
     args = parser.parse_args()
@@ -140,6 +130,9 @@ def main() -> None:
 
     teacher, info = ensure_teacher()
     x_raw, y_all = load_split("train")
+    if args.train_rows:
+        keep = stratified_subset(y_all, args.train_rows / len(y_all), seed=12345)
+        x_raw, y_all = x_raw[keep], y_all[keep]
     x_test_raw, y_test = load_split("t10k")
     x_pre, x_test_pre = preprocess(x_raw), preprocess(x_test_raw)
     teacher_logits = raw.teacher_logits(teacher, torch.from_numpy(x_pre))
