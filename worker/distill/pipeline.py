@@ -15,8 +15,6 @@ data or settings (a different fingerprint in state.json) discards the checkpoint
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -27,23 +25,21 @@ from torch import nn
 
 from worker.distill.config import DistillConfig
 from worker.distill.errors import DistillError
-from worker.distill.evaluate import (
-    build_report,
-    bytes_on_disk,
-    count_parameters,
-    cpu_latency_ms,
-    predict,
-)
+from worker.distill.evaluate import build_report, bytes_on_disk, count_parameters, cpu_latency_ms, predict
 from worker.distill.export import FILENAMES, export_student, exportable, write_model_card
-from worker.distill.softlabels import load_soft_labels, read_manifest, sha256_file, soft_label_stage
+from worker.distill.softlabels import read_manifest, sha256_file, soft_label_stage
 from worker.distill.train import TensorData, train
 from worker.distill.workfolder import (
     Loaded,
     Work,
+    fingerprint,
     load_inputs,
+    load_weights,
     new_student,
     prepare_inputs,
     read_json,
+    save_weights,
+    stored_soft_labels,
     teacher_parameters,
     write_json,
 )
@@ -109,42 +105,6 @@ def soft_label(work: Path, config: DistillConfig, on_progress: Progress | None =
     return manifest
 
 
-def _fingerprint(loaded: Loaded, manifest: dict[str, Any], config: DistillConfig) -> str:
-    """What the trained student depends on; export-only settings are left out."""
-    settings = {k: v for k, v in config.to_dict().items() if k != "export_formats"}
-    key = [loaded.teacher_sha256, loaded.dataset_sha256, manifest.get("format"), manifest.get("k"), settings]
-    if loaded.student_init is not None:
-        key.append(sha256_file(loaded.student_init))
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _soft_labels(w: Work, loaded: Loaded, split: str) -> torch.Tensor:
-    manifest = read_manifest(w.soft_labels)
-    if (
-        not manifest
-        or manifest.get("teacher_sha256") != loaded.teacher_sha256
-        or (manifest.get("dataset_sha256") != loaded.dataset_sha256)
-    ):
-        raise DistillError(
-            "soft labels are missing or from other inputs: run soft_label first", code="soft_labels_missing"
-        )
-    return load_soft_labels(w.soft_labels, split, manifest=manifest)
-
-
-def _save_weights(module: nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
-    tmp.replace(path)
-
-
-def _load_weights(loaded: Loaded, config: DistillConfig, path: Path) -> nn.Module:
-    if not path.is_file():
-        raise DistillError(f"{path.name} is missing: run the distill stage first", code="student_missing")
-    student = new_student(loaded, config)
-    student.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return student.eval()
-
-
 def _choose(
     train_data: TensorData,
     val_data: TensorData | None,
@@ -179,20 +139,21 @@ def distill(work: Path, config: DistillConfig, on_progress: Progress | None = No
     w = Work(Path(work))
     loaded, student = load_inputs(w, config)
     ckpt = w.checkpoints
-    fingerprint = _fingerprint(loaded, read_manifest(w.soft_labels) or {}, config)
+    # Soft labels first: without them nothing below may touch the checkpoints.
+    train_data = TensorData(loaded.x, loaded.y, stored_soft_labels(w, loaded, config, "train"))
+    val_data = None
+    if loaded.has_val:
+        val_data = TensorData(loaded.x_val, loaded.y_val, stored_soft_labels(w, loaded, config, "val"))
+    key = fingerprint(loaded, config)
     state = read_json(ckpt / STATE) or {}
-    if state.get("fingerprint") != fingerprint:
+    if state.get("fingerprint") != key:
         # Other inputs or settings: these checkpoints would resume a different run.
         shutil.rmtree(ckpt, ignore_errors=True)
         shutil.rmtree(w.out, ignore_errors=True)
-        state = {"fingerprint": fingerprint, "phases": {}}
+        state = {"fingerprint": key, "phases": {}}
     if state.get("done"):
         return _distill_result(state)
 
-    train_data = TensorData(loaded.x, loaded.y, _soft_labels(w, loaded, "train"))
-    val_data = (
-        TensorData(loaded.x_val, loaded.y_val, _soft_labels(w, loaded, "val")) if loaded.has_val else None
-    )
     labelled = train_data.has_labels
     finetune = config.finetune_epochs if labelled else 0
     baseline = config.epochs + finetune if config.baseline and labelled else 0
@@ -241,12 +202,12 @@ def distill(work: Path, config: DistillConfig, on_progress: Progress | None = No
         if not kept:  # fine-tuning made validation worse: keep the distilled weights
             student.load_state_dict(before)
         state["phases"]["finetune"]["kept"] = kept
-    _save_weights(student, ckpt / STUDENT)
+    save_weights(student, ckpt / STUDENT)
     write_json(ckpt / STATE, state)
     if baseline:
         model = new_student(loaded, config)
         run("baseline", model, config.epochs + finetune, None, ckpt / "baseline", epochs=baseline)
-        _save_weights(model, ckpt / BASELINE)
+        save_weights(model, ckpt / BASELINE)
     state["done"] = True
     write_json(ckpt / STATE, state)
     return _distill_result(state)
@@ -282,10 +243,10 @@ def evaluate(work: Path, config: DistillConfig) -> dict[str, Any]:
     loaded, _ = load_inputs(w, config)
     split = "val" if loaded.has_val else "train"
     x, y = (loaded.x_val, loaded.y_val) if loaded.has_val else (loaded.x, loaded.y)
-    teacher_logits = _soft_labels(w, loaded, split)
-    student = _load_weights(loaded, config, w.checkpoints / STUDENT)
+    teacher_logits = stored_soft_labels(w, loaded, config, split)
+    student = load_weights(loaded, config, w.checkpoints / STUDENT)
     baseline = (
-        _load_weights(loaded, config, w.checkpoints / BASELINE)
+        load_weights(loaded, config, w.checkpoints / BASELINE)
         if (w.checkpoints / BASELINE).is_file()
         else None
     )
@@ -347,7 +308,7 @@ def export(work: Path, config: DistillConfig) -> list[Path]:
         return [*files, card_path, report_path]
 
     loaded, _ = load_inputs(w, config)
-    student = _load_weights(loaded, config, w.checkpoints / STUDENT)
+    student = load_weights(loaded, config, w.checkpoints / STUDENT)
     metadata = {
         "arch": report["student"]["spec"],
         "input_shape": list(loaded.input_shape),

@@ -22,10 +22,10 @@ from torch import nn
 
 from worker.distill.config import DistillConfig
 from worker.distill.data import load_dataset, split_validation, validate_dataset
-from worker.distill.errors import DatasetError, TeacherError
+from worker.distill.errors import DatasetError, DistillError, TeacherError
 from worker.distill.evaluate import count_parameters
 from worker.distill.preprocess import PreprocessModule
-from worker.distill.softlabels import sha256_file
+from worker.distill.softlabels import load_soft_labels, read_manifest, sha256_file
 from worker.distill.students import build_student, load_student_init
 from worker.distill.teachers import Teacher, check_compatible, load_teacher
 
@@ -238,3 +238,40 @@ def teacher_parameters(teacher: Teacher, paths: list[Path]) -> int | None:
         else:
             return None
     return total
+
+
+def fingerprint(loaded: Loaded, config: DistillConfig) -> str:
+    """What the trained student depends on (soft labels follow from these); export settings are left out."""
+    settings = {k: v for k, v in config.to_dict().items() if k != "export_formats"}
+    key: list[Any] = [loaded.teacher_sha256, loaded.dataset_sha256, settings]
+    if loaded.student_init is not None:
+        key.append(sha256_file(loaded.student_init))
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stored_soft_labels(w: Work, loaded: Loaded, config: DistillConfig, split: str) -> torch.Tensor:
+    manifest = read_manifest(w.soft_labels)
+    """The teacher's stored logits (N, C) for `split`, if they were made from these inputs and settings."""
+    wanted = {"teacher_sha256": loaded.teacher_sha256, "dataset_sha256": loaded.dataset_sha256,
+              "format": config.soft_label_format}  # fmt: skip
+    if config.soft_label_format == "topk":
+        wanted["k"] = min(config.topk, loaded.num_classes)
+    if not manifest or any(manifest.get(key) != value for key, value in wanted.items()):
+        raise DistillError(
+            "soft labels are missing or from other inputs: run soft_label first", code="soft_labels_missing"
+        )
+    return load_soft_labels(w.soft_labels, split, manifest=manifest)
+
+
+def save_weights(module: nn.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
+    tmp.replace(path)
+
+
+def load_weights(loaded: Loaded, config: DistillConfig, path: Path) -> nn.Module:
+    if not path.is_file():
+        raise DistillError(f"{path.name} is missing: run the distill stage first", code="student_missing")
+    student = new_student(loaded, config)
+    student.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return student.eval()
