@@ -154,3 +154,63 @@ def test_user_errors_carry_stable_codes(tmp_path):
     with pytest.raises(DistillError) as info:
         pipeline.distill(tmp_path / "w2", make_config())
     assert info.value.code == "soft_labels_missing"
+
+
+def test_an_interrupted_distill_stage_redoes_only_the_unfinished_part(finished, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(finished[0], work)
+    # As if the process died during the baseline run: its last epoch and the final record never landed.
+    state_path = work / "checkpoints" / "state.json"
+    state = json.loads(state_path.read_text())
+    state.pop("done")
+    state["phases"].pop("baseline")
+    state_path.write_text(json.dumps(state))
+    (work / "checkpoints" / "baseline.pt").unlink()
+    latest = json.loads((work / "checkpoints" / "baseline" / "latest.json").read_text())
+    assert latest["epoch"] == 5
+    (work / "checkpoints" / "baseline" / latest["file"]).unlink()  # falls back to epoch 4
+    student_before = sha256_file(work / "checkpoints" / "student.pt")
+    events = []
+    result = pipeline.distill(work, make_config(), events.append)
+    assert [(e["metrics"]["phase"], e["epoch"]) for e in events] == [("baseline", 5)]
+    assert result["phases"]["baseline"]["epochs"] == 5
+    assert sha256_file(work / "checkpoints" / "student.pt") == student_before
+    # the resumed baseline ends with the weights of the uninterrupted run
+    assert sha256_file(work / "checkpoints" / "baseline.pt") == sha256_file(
+        finished[0] / "checkpoints" / "baseline.pt"
+    )
+
+
+def test_unlabelled_transfer_set_is_judged_by_agreement(tmp_path):
+    teacher, _ = write_job(tmp_path / "files")
+    raw, _, _ = clusters(400, seed=3)
+    data = tmp_path / "files" / "unlabelled.npz"
+    np.savez(data, x=raw)  # no y at all: every row is learnt from the teacher alone
+    work = tmp_path / "work"
+    pipeline.prepare_inputs(work, teachers=[teacher], dataset=data)
+    config = make_config(soft_label_format="full", epochs=8, finetune_epochs=2, export_formats=["torchscript"])
+    report = pipeline.run_all(work, config)
+    assert report["student"]["accuracy"] is None and report["teacher"]["accuracy"] is None
+    assert report["student"]["agreement"] > 0.8
+    assert report["baseline"] is None and set(report["phases"]) == {"distill"}  # nothing to fine-tune on
+
+
+def test_ensemble_and_separate_validation_file_in_preflight(tmp_path):
+    teacher, data = write_job(tmp_path / "files", rows=120, unlabelled=0)
+    raw, y, _ = clusters(30, seed=4)
+    val = tmp_path / "files" / "val.npz"
+    np.savez(val, x=raw, y=y)
+    work = tmp_path / "work"
+    pipeline.prepare_inputs(work, teachers=[teacher, teacher], dataset=data, validation=val)
+    assert sorted(p.name for p in (work / "inputs" / "teacher").iterdir()) == [
+        "00-teacher.pt",
+        "01-teacher.pt",
+    ]
+    summary = pipeline.preflight(work, make_config())
+    assert summary["teacher"]["format"] == "ensemble" and summary["teacher"]["files"] == 2
+    assert summary["dataset"]["train_rows"] == 120 and summary["dataset"]["val_rows"] == 30
+    pipeline.prepare_inputs(work, teachers=[teacher], dataset=data)  # a second call replaces the inputs
+    assert [p.name for p in (work / "inputs" / "teacher").iterdir()] == ["teacher.pt"]
+    assert not (work / "inputs" / "validation").exists() or not list(
+        (work / "inputs" / "validation").iterdir()
+    )
