@@ -115,3 +115,11 @@ def test_splits_share_one_manifest(tmp_path, data):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] == 50 and manifest["splits"]["val"]["rows"] == 10
     assert load_soft_labels(tmp_path, "val").shape == (10, C)
+
+
+def test_shards_of_an_earlier_longer_run_are_removed(tmp_path, data):
+    x, _ = data
+    run(CountingTeacher(), x, tmp_path)
+    run(CountingTeacher(), x[:20], tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["train-00000.npz", "train-00001.npz"]
+    assert load_soft_labels(tmp_path, "train").shape == (20, C)

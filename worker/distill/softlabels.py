@@ -187,6 +187,10 @@ def soft_label_stage(
 
     info = manifest["splits"][split]
     info["complete"] = True
+    kept = {e["name"] for e in shards}
+    for stale in out_dir.glob(f"{split}-*.npz"):  # left by an earlier, longer run: never mirrored or read
+        if stale.name not in kept:
+            stale.unlink()
     if y is not None:
         y_np = np.asarray(y)
         labelled = y_np >= 0
