@@ -3,51 +3,17 @@ retries when it answers with an error; every attempt shows in the job's events."
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from app.webhooks.dispatcher import get_dispatcher
 from app.webhooks.signing import verify
 from tests.client.inprocess import Local, local_app
+from tests.client.receiver import Receiver
 
 PIPELINE = ["queued", "soft_labeling", "distilling", "evaluating", "exporting", "succeeded"]
-
-
-class Receiver:
-    """Answers 500 to the first `fail_first` POSTs, then 204; keeps every request it was sent."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.requests: list[dict[str, Any]] = []
-        receiver = self
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                ok = len(receiver.requests) >= fail_first
-                receiver.requests.append({"headers": dict(self.headers), "body": body, "ok": ok})
-                self.send_response(204 if ok else 500)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/hooks/distill"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def accepted(self) -> list[dict[str, Any]]:
-        return [json.loads(r["body"]) for r in self.requests if r["ok"]]
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
