@@ -41,7 +41,7 @@ def choose_hyperparameters(
     config: Any,
     *,
     budget_epochs: int,
-    max_cost: float = 1.5,
+    max_cost: float = 1.25,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """-> {"temperature", "alpha", "why", "trials": [...], "metric"}; values fixed in `config` pass through.
