@@ -26,6 +26,7 @@ from app.client.progress import ProgressPrinter
 from app.client.transport import Transport
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+EVENT_PAGE = 1000  # the API's largest page of events
 
 
 class Client:
@@ -101,9 +102,15 @@ class Client:
             cursor = page.next_cursor
 
     def events(self, job_id: str, *, after: int | None = None) -> list[Event]:
-        params = {"after": after} if after is not None else {}
-        data = self._json("GET", f"/v1/jobs/{job_id}/events", idempotent=True, params=params)
-        return [Event.from_dict(e) for e in data["data"]]
+        """Every event after sequence number `after` (all when None), in order, across pages."""
+        out: list[Event] = []
+        while True:
+            params = {"limit": EVENT_PAGE, **({"after": after} if after is not None else {})}
+            page = self._json("GET", f"/v1/jobs/{job_id}/events", idempotent=True, params=params)["data"]
+            out.extend(Event.from_dict(e) for e in page)
+            if len(page) < EVENT_PAGE:
+                return out
+            after = out[-1].seq
 
     def follow(self, job_id: str, *, poll_s: float = 1.0) -> Iterator[Event]:
         """Yields events as they are written until the job is finished and every event is out."""

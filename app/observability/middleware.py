@@ -1,5 +1,5 @@
 """One ASGI middleware for every HTTP request: a latency histogram labelled by route template (not raw path,
-so ids do not explode the series), a request id, the job id bound for logs, and one JSON access line."""
+so ids do not explode the series), a request id, the job id bound for logs, and a JSON access line."""
 
 from __future__ import annotations
 
@@ -48,7 +48,10 @@ class ObservabilityMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.latency.labels(scope["method"], template, str(status)).observe(elapsed)
-            log.info("%s %s %s", scope["method"], scope["path"], status,
-                     extra={"route": template, "status": status, "duration_ms": round(1000 * elapsed, 2)})
+            # Clients poll reads every second: those go to DEBUG, so INFO keeps changes and failures.
+            level = logging.DEBUG if scope["method"] in ("GET", "HEAD") and status < 400 else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, "%s %s %s", scope["method"], scope["path"], status,
+                        extra={"route": template, "status": status, "duration_ms": round(1000 * elapsed, 2)})
             job_id_var.reset(tokens[1])
             request_id_var.reset(tokens[0])

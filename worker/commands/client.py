@@ -136,7 +136,7 @@ def status(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None, as_json: Jso
 
 def list_(
     status_: Annotated[str | None, typer.Option("--status", help="only jobs in this state")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
     url: UrlOpt = None, api_key: KeyOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """List recent jobs, newest first."""
