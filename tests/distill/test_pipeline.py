@@ -188,7 +188,9 @@ def test_unlabelled_transfer_set_is_judged_by_agreement(tmp_path):
     np.savez(data, x=raw)  # no y at all: every row is learnt from the teacher alone
     work = tmp_path / "work"
     pipeline.prepare_inputs(work, teachers=[teacher], dataset=data)
-    config = make_config(soft_label_format="full", epochs=8, finetune_epochs=2, export_formats=["torchscript"])
+    config = make_config(
+        soft_label_format="full", epochs=8, finetune_epochs=2, export_formats=["torchscript"]
+    )
     report = pipeline.run_all(work, config)
     assert report["student"]["accuracy"] is None and report["teacher"]["accuracy"] is None
     assert report["student"]["agreement"] > 0.8
@@ -214,3 +216,23 @@ def test_ensemble_and_separate_validation_file_in_preflight(tmp_path):
     assert not (work / "inputs" / "validation").exists() or not list(
         (work / "inputs" / "validation").iterdir()
     )
+
+
+def test_a_torchscript_student_init_is_trained_and_exported(tmp_path):
+    teacher, data = write_job(tmp_path / "files")
+    init = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.ReLU(), torch.nn.Linear(12, CLASSES))
+    init_path = tmp_path / "files" / "init.pt"
+    torch.jit.save(torch.jit.script(init), str(init_path))
+    work = tmp_path / "work"
+    pipeline.prepare_inputs(work, teachers=[teacher], dataset=data, student_init=init_path)
+    report = pipeline.run_all(work, make_config(finetune_epochs=0, baseline=False))
+    assert (
+        report["student"]["spec"] == "init:init.pt"
+        and report["student"]["parameters"] == 8 * 12 + 12 + 12 * 3 + 3
+    )
+    assert report["student"]["accuracy"] > 0.8
+    raw, y, _ = clusters(200, seed=9)
+    for name in ("student.pt", "student.onnx", "student.safetensors"):
+        assert name in report["student"]["files"]
+    exported = torch.jit.load(str(work / "out" / "student.pt"))
+    assert (exported(torch.from_numpy(raw)).argmax(1).numpy() == y).mean() > 0.8

@@ -9,7 +9,6 @@ onnxruntime), and `model_card.json` describing how the student was made.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import platform
@@ -33,9 +32,12 @@ class ExportError(DistillError):
 
 
 def exportable(student: nn.Module, preprocess: nn.Module) -> nn.Module:
-    """A CPU, eval-mode copy of `Sequential(preprocess, student)`: raw (B, *features) -> logits (B, C)."""
-    model = nn.Sequential(copy.deepcopy(preprocess), copy.deepcopy(student)).to("cpu", torch.float32)
-    return model.eval().requires_grad_(False)
+    """`Sequential(preprocess, student)` on CPU in eval mode: raw (B, *features) -> logits (B, C).
+
+    It shares (and so moves to CPU and switches to eval) the modules given: a deep copy would turn a
+    TorchScript student's parameters into non-leaf tensors that can be neither scripted nor exported.
+    """
+    return nn.Sequential(preprocess, student).to("cpu", torch.float32).eval()
 
 
 @contextlib.contextmanager
@@ -88,9 +90,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, check_input
             dims = ({0: batch},)
             torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
                               dynamic_shapes=dims, verbose=False, **names)  # fmt: skip
-        except Exception:  # noqa: BLE001 - the torch.export-based exporter misses some graphs; TorchScript's may not
+        except Exception:  # noqa: BLE001 - torch.export misses some graphs (a TorchScript student init)
+            # The TorchScript-based exporter takes a scripted model whole; a trace stops at a ScriptModule.
             axes = {"input": {0: "batch"}, "logits": {0: "batch"}}
-            torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=axes, **names)
+            scripted = torch.jit.script(model)
+            torch.onnx.export(scripted, (example,), str(path), dynamo=False, dynamic_axes=axes, **names)
         expected = model(check_input).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": check_input.numpy()})[0]
