@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 LATENCY_BATCH = 256
+WARMUP_RUNS = 2
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float | None:
@@ -58,7 +59,8 @@ def cpu_latency_ms(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fn(batch)  # warm-up: first calls pay for allocation and (TorchScript) optimisation
+        for _ in range(WARMUP_RUNS):  # first calls pay for allocation and TorchScript's profiling passes
+            fn(batch)
         times = []
         for _ in range(runs):
             start = time.perf_counter()
