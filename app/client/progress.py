@@ -1,7 +1,8 @@
 """The terminal progress bar `Client.wait` shows: stage, epoch, validation accuracy and tqdm's ETA.
 
 Progress is drawn per stage (the bar restarts when the stage changes) because the server reports a stage's
-own 0..1 fraction, and an ETA across stages of very different speed would mislead.
+own 0..1 fraction, and an ETA across stages of very different speed would mislead. When stderr is not a
+terminal (a log file, CI), it prints one line per stage or epoch instead of redrawing a bar.
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ def val_accuracy(metrics: dict[str, Any]) -> float | None:
 
 
 class ProgressPrinter:
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, *, interactive: bool | None = None) -> None:
         self.job_id = job_id
         self.stage: str | None = None
         self.bar: tqdm | None = None
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.last_line: str | None = None
 
     def update(self, job: Job) -> None:
+        if not self.interactive:
+            self._print_line(job)
+            return
         stage = job.stage or job.status
         if stage != self.stage:
             self.close()
@@ -48,6 +54,18 @@ class ProgressPrinter:
             postfix["status"] = job.status
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
+
+    def _print_line(self, job: Job) -> None:
+        parts = [job.id, job.status if job.done else (job.stage or job.status)]
+        if job.epoch is not None and not job.done:
+            parts.append(f"epoch {job.epoch}")
+        acc = val_accuracy(job.metrics)
+        if acc is not None:
+            parts.append(f"val_acc {acc:.3f}")
+        line = " ".join(parts)
+        if line != self.last_line:
+            print(line, file=sys.stderr, flush=True)
+            self.last_line = line
 
     def close(self) -> None:
         if self.bar is not None:
