@@ -80,6 +80,11 @@ def _file_id(client: Client, ref: str, purpose: str, quiet: bool) -> str:
     return info.id
 
 
+def _target(out: Path, name: str, *, single: bool) -> Path:
+    """`--out` names the file for a single artifact with a suffix (`model.pt`); otherwise it is a folder."""
+    return out if single and out.suffix and not out.is_dir() else out / name
+
+
 def submit(
     teacher: Annotated[list[str], typer.Option(help="teacher file (repeat for an ensemble) or file id")],
     dataset: Annotated[str, typer.Option(help="training data file or file id")],
@@ -95,7 +100,7 @@ def submit(
     webhook_url: Annotated[str | None, typer.Option(help="POST each state change here")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="reuse to make a retried submit safe")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow the job until it ends")] = False,
-    out: Annotated[Path | None, typer.Option(help="with --wait: download the student here")] = None,
+    out: Annotated[Path | None, typer.Option(help="with --wait: save the student (file or folder)")] = None,
     artifact: Annotated[str, typer.Option(help="artifact --out downloads")] = "student.pt",
     timeout: Annotated[float | None, typer.Option(help="with --wait: give up after N seconds")] = None,
     url: UrlOpt = None, api_key: KeyOpt = None, as_json: JsonOpt = False,
@@ -122,8 +127,7 @@ def submit(
         job = client.wait(job.id, progress=not as_json, timeout_s=timeout)
         result = job_dict(job)
         if out is not None:
-            target = out / artifact if out.is_dir() or str(out).endswith("/") else out
-            result["downloaded"] = str(client.download(job.id, artifact, target))
+            result["downloaded"] = str(client.download(job.id, artifact, _target(out, artifact, single=True)))
         _emit(as_json, result, job_summary(job) + (f"\nstudent: {result['downloaded']}" if out else ""))
 
 
@@ -180,8 +184,7 @@ def download(
     """Download artifacts (resumes an interrupted download; checks sha256)."""
     with _session(url, api_key, as_json) as client:
         names = [a.name for a in client.artifacts(job_id)] if name == ["all"] else name
-        single_file = len(names) == 1 and not out.is_dir() and out.suffix != ""
-        paths = [client.download(job_id, n, out if single_file else out / n) for n in names]
+        paths = [client.download(job_id, n, _target(out, n, single=len(names) == 1)) for n in names]
         _emit(as_json, {"files": [str(p) for p in paths]}, "\n".join(str(p) for p in paths))
 
 
