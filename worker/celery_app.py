@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from app.config import Settings, get_settings
 from app.observability.logging import install_celery_logging
@@ -33,15 +33,16 @@ def consumer_transport_options(settings: Settings, producer_options: dict[str, A
     options = dict(producer_options)
     if settings.broker_url.startswith(("redis://", "rediss://")):
         options["visibility_timeout"] = REDIS_VISIBILITY_TIMEOUT_S
-    elif not settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
-        options["polling_interval"] = 0.5  # virtual transports poll; 1 s default adds latency per stage
+    elif settings.broker_url.startswith("filesystem://"):
+        options["polling_interval"] = 0.5
+    # Not for the SQLAlchemy transport: it passes every option on to create_engine(), which refuses it.
     return options
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     shared = celery_config(settings)
-    celery = Celery("distill", include=["worker.tasks"])
+    celery = Celery("distill", include=["worker.tasks.jobs"])
     celery.conf.update(shared)
     celery.conf.update(
         # Never pickle: a message body is data, not code.
@@ -54,7 +55,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         # The job row is the result; nothing reads Celery results.
         task_ignore_result=True,
-        task_queues=[Queue(name, routing_key=name) for name in QUEUES],
+        # The same shape Celery gives a queue the API names in send_task: a direct exchange of its own name.
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue=DISTILL_QUEUE,
         task_routes=TASK_ROUTES,
         broker_transport_options=consumer_transport_options(settings, shared["broker_transport_options"]),

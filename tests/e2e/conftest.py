@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -79,8 +80,13 @@ def postgres_url() -> Iterator[str]:
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"PostgreSQL not usable at {PG_ADMIN_URL}: {exc}")
     url = make_url(PG_ADMIN_URL).set(database=PG_DATABASE).render_as_string(hide_password=False)
-    subprocess.run([sys.executable, "-m", "alembic", "-x", f"url={url}", "upgrade", "head"], cwd=ROOT,
-                   env=base_env(), check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={url}", "upgrade", "head"],
+        cwd=ROOT,
+        env=base_env(),
+        check=True,
+        capture_output=True,
+    )
     yield url
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)'))
@@ -96,8 +102,13 @@ def s3_endpoint() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="e2e",
-                 aws_secret_access_key="e2e-secret").create_bucket(Bucket="distill-e2e")
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="e2e",
+        aws_secret_access_key="e2e-secret",
+    ).create_bucket(Bucket="distill-e2e")
     yield endpoint
     server.stop()
 
@@ -109,8 +120,13 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
 
     def start(env: dict[str, str], queues: str = "soft_label,distill") -> subprocess.Popen:
         log = (tmp_path / f"worker-{len(procs)}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--queues", queues,
-                                 "--loglevel", "info"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker", "--queues", queues, "--loglevel", "info"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         procs.append(proc)
         return proc
 
@@ -142,7 +158,9 @@ def problem(tmp_path_factory: pytest.TempPathFactory) -> Problem:
     x, y = sample(600)
     x_test, y_test = sample(400)
     torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.Linear(FEATURES, 64), torch.nn.ReLU(), torch.nn.Linear(64, NUM_CLASSES))
+    teacher = torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, 64), torch.nn.ReLU(), torch.nn.Linear(64, NUM_CLASSES)
+    )
     opt = torch.optim.Adam(teacher.parameters(), lr=1e-2)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     for _ in range(150):
@@ -158,8 +176,15 @@ def problem(tmp_path_factory: pytest.TempPathFactory) -> Problem:
 
 
 # A job small enough for 2 shared cores: fixed T/alpha (no grid), three epochs, no baseline run.
-JOB_CONFIG = {"epochs": 3, "temperature": 2.0, "alpha": 0.5, "batch_size": 64, "baseline": False,
-              "export_formats": ["torchscript", "onnx"]}
+JOB_CONFIG = {
+    "epochs": 3,
+    "temperature": 2.0,
+    "alpha": 0.5,
+    "batch_size": 32,
+    "lr": 0.01,
+    "baseline": False,
+    "export_formats": ["torchscript", "onnx"],
+}
 
 
 def run_job(http: httpx.Client, problem: Problem, download_to: Path, timeout_s: float = 150) -> dict:
@@ -170,8 +195,12 @@ def run_job(http: httpx.Client, problem: Problem, download_to: Path, timeout_s: 
             r = http.post("/v1/files", data={"purpose": purpose}, files={"file": (path.name, fh)})
         assert r.status_code == 201, r.text
         files[purpose] = r.json()["id"]
-    body = {"teacher_file_ids": [files["teacher"]], "dataset_file_id": files["dataset"],
-            "student": "mlp:hidden=32", "config": JOB_CONFIG}
+    body = {
+        "teacher_file_ids": [files["teacher"]],
+        "dataset_file_id": files["dataset"],
+        "student": "mlp:hidden=32",
+        "config": JOB_CONFIG,
+    }
     r = http.post("/v1/jobs", json=body)
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
@@ -203,8 +232,16 @@ def student_accuracies(folder: Path, problem: Problem) -> dict[str, float]:
         torch_pred = scripted(torch.from_numpy(problem.x_test)).argmax(1).numpy()
     session = onnxruntime.InferenceSession(str(folder / "student.onnx"), providers=["CPUExecutionProvider"])
     onnx_logits = session.run(None, {session.get_inputs()[0].name: problem.x_test})[0]
-    return {"torchscript": float((torch_pred == problem.y_test).mean()),
-            "onnx": float((onnx_logits.argmax(1) == problem.y_test).mean())}
+    return {
+        "torchscript": float((torch_pred == problem.y_test).mean()),
+        "onnx": float((onnx_logits.argmax(1) == problem.y_test).mean()),
+    }
+
+
+@pytest.fixture
+def stack() -> SimpleNamespace:
+    """Helpers the tests share (conftest modules are not importable by name under pytest)."""
+    return SimpleNamespace(base_env=base_env, free_port=free_port)
 
 
 @pytest.fixture
@@ -218,7 +255,9 @@ def evaluate_students() -> Callable[..., dict[str, float]]:
 
 
 @contextlib.contextmanager
-def serving(cmd: list[str], cwd: Path, env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen]:
+def serving(
+    cmd: list[str], cwd: Path, env: dict[str, str], port: int, log: Path
+) -> Iterator[subprocess.Popen]:
     """A server subprocess, yielded once /healthz answers; stopped with SIGTERM on exit."""
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -1,0 +1,62 @@
+"""The production stack for real: PostgreSQL, a Redis broker, an S3 server and two Celery worker processes
+(one per queue), driven over HTTP the way a user would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.db import Database, session_scope
+from app.main import create_app
+from app.tenants import service as tenants
+
+pytestmark = pytest.mark.e2e
+
+
+def test_upload_submit_poll_download_on_postgres_redis_s3(
+    tmp_path: Path,
+    postgres_url,
+    redis_url,
+    s3_endpoint,
+    start_worker,
+    problem,
+    job_runner,
+    evaluate_students,
+    stack,
+):
+    env = {
+        "DISTILL_ENVIRONMENT": "test",
+        "DISTILL_DATABASE_URL": postgres_url,
+        "DISTILL_BROKER_URL": redis_url,
+        "DISTILL_STORAGE_BACKEND": "s3",
+        "DISTILL_S3_ENDPOINT_URL": s3_endpoint,
+        "DISTILL_S3_BUCKET": "distill-e2e",
+        "DISTILL_S3_ACCESS_KEY_ID": "e2e",
+        "DISTILL_S3_SECRET_ACCESS_KEY": "e2e-secret",
+        "DISTILL_DATA_DIR": str(tmp_path / "worker-data"),
+    }
+    # Inference and training on separate worker pools, as in production.
+    soft_label_worker = start_worker(stack.base_env(**env), queues="soft_label")
+    distill_worker = start_worker(stack.base_env(**env), queues="distill")
+
+    settings = Settings(**{k.removeprefix("DISTILL_").lower(): v for k, v in env.items()})
+    db = Database.from_settings(settings)
+    with session_scope(db) as session:
+        key = tenants.create_key(session, "e2e")
+    with TestClient(create_app(settings, db=db), headers={"Authorization": f"Bearer {key}"}) as http:
+        result = job_runner(http, problem, tmp_path)
+    db.dispose()
+
+    assert soft_label_worker.poll() is None and distill_worker.poll() is None
+    assert result["statuses"][-1] == "succeeded"
+    kinds = [e["kind"] for e in result["events"]]
+    assert kinds.count("epoch") >= 3 and "attempt_failed" not in kinds
+    logs = [(tmp_path / f"worker-{i}.log").read_text() for i in (0, 1)]
+    assert "distill.soft_label" in logs[0] and "distill.distill" not in logs[0]
+    assert "distill.distill" in logs[1] and "distill.soft_label" not in logs[1]
+    accuracies = evaluate_students(tmp_path, problem)
+    assert accuracies["torchscript"] > 0.8 and accuracies["onnx"] > 0.8, accuracies  # chance is 0.25
+    assert abs(accuracies["torchscript"] - accuracies["onnx"]) < 0.02
