@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./.distill")
     database_url: str = "sqlite:///./.distill/distill.db"
     database_pool_size: int = Field(default=10, ge=1)
+    database_pre_ping: bool = False  # one extra round trip per checkout; see app.db.session.make_engine
     # A Celery transport that needs no server (SQLAlchemy over SQLite); Redis in production.
     broker_url: str = "sqla+sqlite:///./.distill/broker.sqlite"
     broker_folder: Path = Path("./.distill/broker")

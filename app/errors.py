@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -129,7 +130,7 @@ async def handle_exception(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, StarletteHTTPException):
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         return problem(exc.status_code, code, str(exc.detail), str(exc.detail), headers=exc.headers)
-    if isinstance(exc, (OperationalError, PoolTimeoutError)) or (
+    if isinstance(exc, (OperationalError, PoolTimeoutError, psycopg.OperationalError)) or (
         isinstance(exc, DBAPIError) and exc.connection_invalidated
     ):
         log.warning("database unavailable: %s", exc)
@@ -153,5 +154,6 @@ def install_exception_handler(app: FastAPI) -> None:
         StarletteHTTPException,
         DBAPIError,
         PoolTimeoutError,
+        psycopg.OperationalError,
     ):
         app.add_exception_handler(exc_type, handle_exception)

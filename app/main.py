@@ -39,6 +39,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        await app.state.db.close_async()
         if db is None:  # only dispose what this app created
             app.state.db.dispose()
 

@@ -6,6 +6,7 @@ Services only flush. Work that must follow a successful commit (enqueueing a tas
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.db.aio import AsyncReadPool, libpq_dsn
 
 log = logging.getLogger(__name__)
 _HOOKS = "after_commit"
@@ -31,11 +33,13 @@ def make_engine(settings: Settings) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    # No pre-ping by default: it costs a round trip per checkout. After a database restart the first use of
+    # a stale connection fails (503), SQLAlchemy then invalidates the whole pool, and the next request works.
     return create_engine(
         url,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=settings.database_pre_ping,
         pool_recycle=1800,
         pool_timeout=10,
     )
@@ -50,15 +54,42 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 class Database:
-    """Owns the engine and session factory; tests swap `session_factory` to bind sessions to a connection."""
+    """Owns the engine and two session factories; tests swap both to bind sessions to one connection.
 
-    def __init__(self, engine: Engine) -> None:
+    `read_factory` sessions run in autocommit: a lone SELECT then costs one round trip instead of
+    BEGIN + SELECT + ROLLBACK. Use them only for reads that need no transaction.
+    """
+
+    def __init__(self, engine: Engine, *, pool_size: int = 10) -> None:
         self.engine = engine
+        self._url = engine.url.render_as_string(hide_password=False)
+        self._pool_size = pool_size
+        self._read_pool: AsyncReadPool | None = None
+        self._read_pool_loop: asyncio.AbstractEventLoop | None = None
         self.session_factory: Callable[[], Session] = sessionmaker(engine, expire_on_commit=False)
+        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.read_factory: Callable[[], Session] = sessionmaker(autocommit, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    async def read_one(self, sql: str, params: dict[str, Any]) -> Any:
+        """One row from a psycopg-syntax query on the async read pool (PostgreSQL only)."""
+        loop = asyncio.get_running_loop()
+        if self._read_pool is None or self._read_pool_loop is not loop:
+            self._read_pool = AsyncReadPool(libpq_dsn(self._url), self._pool_size)
+            self._read_pool_loop = loop
+        return await self._read_pool.fetchone(sql, params)
+
+    async def close_async(self) -> None:
+        if self._read_pool is not None:
+            await self._read_pool.close()
+            self._read_pool = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
-        return cls(make_engine(settings))
+        return cls(make_engine(settings), pool_size=settings.database_pool_size)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -4,15 +4,58 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Row, bindparam, select, update
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.orm import Session
 
+from app.db.session import Database
 from app.jobs.models import Artifact, Job, JobEvent
+from app.jobs.state import STATES
 from app.paging import keyset_page
 
 
 def get_for_tenant(session: Session, tenant_id: str, job_id: str) -> Job | None:
     return session.scalars(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)).one_or_none()
+
+
+# Everything the API shows about a job as plain columns, built once: the polling path skips statement
+# construction and ORM object loading (`metadata` is labelled like the mapped attribute, `metadata_`).
+_JOBS = Job.__table__
+_VIEW_COLUMNS = (
+    "id",
+    "status",
+    "stage",
+    "progress",
+    "epoch",
+    "metrics",
+    "error_code",
+    "error_message",
+    "config",
+    "metadata",
+    "teacher_file_ids",
+    "dataset_file_id",
+    "validation_file_id",
+    "student_init_file_id",
+    "attempts",
+    "created_at",
+    "updated_at",
+    *(f"{state}_at" for state in STATES),
+)
+_VIEW = select(*(_JOBS.c[n].label("metadata_" if n == "metadata" else n) for n in _VIEW_COLUMNS)).where(
+    _JOBS.c.id == bindparam("job_id"), _JOBS.c.tenant_id == bindparam("tenant_id")
+)
+
+
+_VIEW_SQL_PSYCOPG = str(_VIEW.compile(dialect=psycopg_dialect()))
+
+
+def get_view_for_tenant(session: Session, tenant_id: str, job_id: str) -> Row[Any] | None:
+    return session.connection().execute(_VIEW, {"job_id": job_id, "tenant_id": tenant_id}).one_or_none()
+
+
+async def get_view_for_tenant_async(db: Database, tenant_id: str, job_id: str) -> Any:
+    """The same query on the async read pool (PostgreSQL), as a server-side prepared statement."""
+    return await db.read_one(_VIEW_SQL_PSYCOPG, {"job_id": job_id, "tenant_id": tenant_id})
 
 
 def get(session: Session, job_id: str, *, fresh: bool = False) -> Job | None:

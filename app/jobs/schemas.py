@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from app.jobs.config_schema import DistillConfigSchema, model_spec
+from app.jobs.state import TIMESTAMP_STATES
 
 MAX_METADATA_BYTES = 16 * 1024
 
@@ -14,7 +15,9 @@ MAX_METADATA_BYTES = 16 * 1024
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    teacher_file_ids: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(min_length=1, max_length=8)
+    teacher_file_ids: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(
+        min_length=1, max_length=8
+    )
     dataset_file_id: str = Field(min_length=1, max_length=40)
     validation_file_id: str | None = Field(default=None, min_length=1, max_length=40)
     student: str = "mlp:hidden=128"
@@ -70,6 +73,36 @@ class JobOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     timestamps: dict[str, datetime]
+
+
+def job_out(job: Any) -> JobOut:
+    """From a `Job` row, or any row with the same attribute names (the lean read path selects columns)."""
+    stamps = {state: _utc(getattr(job, f"{state}_at")) for state in TIMESTAMP_STATES}
+    error = None if job.error_code is None else JobError(code=job.error_code, message=job.error_message or "")
+    return JobOut(
+        id=job.id,
+        status=job.status,
+        stage=job.stage,
+        progress=job.progress,
+        epoch=job.epoch,
+        metrics=job.metrics or {},
+        error=error,
+        config=job.config,
+        metadata=job.metadata_ or {},
+        teacher_file_ids=job.teacher_file_ids,
+        dataset_file_id=job.dataset_file_id,
+        validation_file_id=job.validation_file_id,
+        student_init_file_id=job.student_init_file_id,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        timestamps={state: at for state, at in stamps.items() if at is not None},
+    )
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """Rows read straight from the driver carry the server's zone; the API always answers in UTC ("Z")."""
+    return None if value is None else value.astimezone(UTC)
 
 
 class JobPage(BaseModel):

@@ -18,16 +18,17 @@ from typing import Any
 from sqlalchemy import or_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.db.base import utcnow
-from app.db.session import on_commit
+from app.db.session import Database, on_commit
 from app.errors import InvalidRequest
 from app.files import repository as files_repository
 from app.files.models import File
 from app.jobs import repository
 from app.jobs.exceptions import ArtifactNotFound, IdempotencyConflict, JobFinished, JobNotFound
 from app.jobs.models import Artifact, Job, JobEvent
-from app.jobs.schemas import JobCreate
+from app.jobs.schemas import JobCreate, job_out
 from app.jobs.state import RUNNING, check_transition, is_terminal, timestamp_column
 from app.paging import split_page
 from app.queue import Enqueuer
@@ -142,6 +143,23 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
     if job is None:
         raise JobNotFound()
     return job
+
+
+async def job_json(db: Database, tenant_id: str, job_id: str) -> bytes:
+    """`GET /v1/jobs/{id}` as JSON bytes, the path every client polls: on PostgreSQL one prepared query on
+    the async read pool (no thread hop, no ORM objects); elsewhere one column query in the thread pool."""
+    if db.dialect == "postgresql":
+        row = await repository.get_view_for_tenant_async(db, tenant_id, job_id)
+    else:
+        row = await run_in_threadpool(_read_view, db, tenant_id, job_id)
+    if row is None:
+        raise JobNotFound()
+    return job_out(row).model_dump_json().encode()
+
+
+def _read_view(db: Database, tenant_id: str, job_id: str) -> Any:
+    with db.read_factory() as session:
+        return repository.get_view_for_tenant(session, tenant_id, job_id)
 
 
 def list_jobs(

@@ -7,15 +7,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from psycopg.rows import namedtuple_row
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.db import migrate
@@ -73,10 +77,22 @@ def connection(engine: Engine) -> Iterator[Connection]:
 def db(engine: Engine, connection: Connection) -> Database:
     database = Database(engine)
     # Every session joins the test's transaction; its commit() releases a SAVEPOINT instead of committing.
-    database.session_factory = sessionmaker(
+    database.session_factory = database.read_factory = sessionmaker(
         bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
     )
+    database.read_one = partial(read_one_in_test_transaction, connection)  # type: ignore[method-assign]
     return database
+
+
+async def read_one_in_test_transaction(connection: Connection, sql: str, params: dict[str, Any]) -> Any:
+    """The async read pool opens its own connections, which cannot see the test's uncommitted rows; run the
+    same SQL on the test's connection instead. `test_read_pool.py` covers the pool itself."""
+
+    def fetch() -> Any:
+        cursor = connection.connection.driver_connection.cursor(row_factory=namedtuple_row)
+        return cursor.execute(sql, params, prepare=True).fetchone()
+
+    return await run_in_threadpool(fetch)
 
 
 @pytest.fixture
