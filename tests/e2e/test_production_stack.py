@@ -55,8 +55,8 @@ def test_upload_submit_poll_download_on_postgres_redis_s3(
     kinds = [e["kind"] for e in result["events"]]
     assert kinds.count("epoch") >= 3 and "attempt_failed" not in kinds
     logs = [(tmp_path / f"worker-{i}.log").read_text() for i in (0, 1)]
-    assert "distill.soft_label" in logs[0] and "distill.distill" not in logs[0]
-    assert "distill.distill" in logs[1] and "distill.soft_label" not in logs[1]
+    assert "Task distill.soft_label[" in logs[0] and "Task distill.distill[" not in logs[0]
+    assert "Task distill.distill[" in logs[1] and "Task distill.soft_label[" not in logs[1]
     accuracies = evaluate_students(tmp_path, problem)
     assert accuracies["torchscript"] > 0.8 and accuracies["onnx"] > 0.8, accuracies  # chance is 0.25
     assert abs(accuracies["torchscript"] - accuracies["onnx"]) < 0.02
