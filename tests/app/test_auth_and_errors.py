@@ -13,11 +13,12 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.db.session import Database, session_scope
+from app.jobs import service as jobs
 from app.main import create_app
-from app.storage import LocalStorage
+from app.storage import LocalStorage, keys
 from app.tenants import service as tenants
 from tests.app.conftest import Tenant
-from tests.app.helpers import assert_problem
+from tests.app.helpers import assert_problem, inputs, job_body
 
 PUBLIC = {"/healthz", "/readyz"}
 
@@ -102,3 +103,36 @@ def test_settings_refuse_placeholder_secrets_outside_development() -> None:
     with pytest.raises(ValueError, match="DISTILL_DATABASE_URL"):
         Settings(environment="production", database_url="postgresql+psycopg://distill:changeme@db/distill")
     Settings(environment="development", s3_secret_access_key="changeme")  # fine on a laptop
+
+
+def test_another_tenants_ids_look_missing_on_every_route_with_an_id(
+    app: FastAPI, client: TestClient, alice: Tenant, bob: Tenant, db: Database, storage: LocalStorage
+) -> None:
+    teacher, dataset = inputs(client, alice.headers)
+    job_id = client.post("/v1/jobs", headers=alice.headers, json=job_body(teacher, dataset)).json()["id"]
+    with session_scope(db) as session:
+        job = jobs.get_job_for_worker(session, job_id)
+        assert job is not None
+        key = keys.artifact_key(job.tenant_id, job_id, "report.json")
+        size, sha = storage.put_stream(key, iter([b"{}"]))
+        jobs.add_artifact(session, job_id, "report.json", key, size, sha, "application/json")
+    real = {"file_id": teacher, "job_id": job_id, "name": "report.json"}
+    fake = {"file_id": "file_" + "0" * 24, "job_id": "job_" + "0" * 24, "name": "report.json"}
+    checked = 0
+    for path, item in app.openapi()["paths"].items():
+        if "{" not in path:
+            continue
+        for method in item:
+            urls = [
+                re.sub(r"\{([^}]+)\}", lambda m, ids=ids: ids.get(m.group(1), "x"), path)
+                for ids in (real, fake)
+            ]
+            theirs, nobody = (client.request(method.upper(), url, headers=bob.headers) for url in urls)
+            assert theirs.status_code == nobody.status_code == 404, (method, path)
+            assert theirs.json() == nobody.json(), (method, path)
+            checked += 1
+    assert checked >= 7
+    # the ids were real: the owner still sees (and still has) all of it
+    assert client.get(f"/v1/files/{teacher}", headers=alice.headers).status_code == 200
+    assert client.get(f"/v1/jobs/{job_id}/artifacts/report.json", headers=alice.headers).content == b"{}"
+    assert client.get(f"/v1/jobs/{job_id}", headers=alice.headers).json()["status"] == "queued"
