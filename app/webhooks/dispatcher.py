@@ -26,7 +26,7 @@ import httpx
 from app.config import Settings, get_settings
 from app.db.session import Database, session_scope
 from app.observability.logging import bind_job
-from app.webhooks.signing import HEADER, sign, tenant_secret
+from app.webhooks.signing import HEADER, WebhooksNotConfigured, sign, tenant_secret
 
 log = logging.getLogger("distill.webhooks")
 
@@ -90,9 +90,12 @@ class Dispatcher:
 
     def _deliver(self, d: Delivery) -> None:
         body = json.dumps(d.event, separators=(",", ":"), default=str).encode()
-        secret = tenant_secret(self.settings, d.tenant_id)
         attempts = self.settings.webhook_max_attempts
-        blocked = _blocked(d.url, self.settings)
+        try:
+            secret = tenant_secret(self.settings, d.tenant_id)
+            blocked = _blocked(d.url, self.settings)
+        except WebhooksNotConfigured as exc:
+            secret, blocked = "", exc.detail
         for attempt in range(1, attempts + 1):
             started = time.perf_counter()
             status, error = None, blocked

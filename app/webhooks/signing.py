@@ -16,16 +16,21 @@ import time
 from pathlib import Path
 
 from app.config import Settings
+from app.errors import ServiceUnavailable
 
 ROOT_FILE = "webhook_root_secret"
 HEADER = "Distill-Signature"
+
+
+class WebhooksNotConfigured(ServiceUnavailable):
+    code = "webhooks_not_configured"
 
 
 def root_secret(settings: Settings) -> bytes:
     if settings.webhook_secret:
         return settings.webhook_secret.encode()
     if settings.environment == "production":
-        raise RuntimeError("DISTILL_WEBHOOK_SECRET must be set in production (all processes share it)")
+        raise WebhooksNotConfigured("set DISTILL_WEBHOOK_SECRET (the same in every process) to sign webhooks")
     path = Path(settings.data_dir) / ROOT_FILE
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
