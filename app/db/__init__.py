@@ -1,5 +1,5 @@
 from app.db.base import Base, UTCDateTime, new_id, utcnow
-from app.db.session import Database, commit, on_commit, rollback, session_scope
+from app.db.session import Database, commit, on_commit, on_rollback, rollback, session_scope
 
 __all__ = [
     "Base",
@@ -8,6 +8,7 @@ __all__ = [
     "commit",
     "new_id",
     "on_commit",
+    "on_rollback",
     "rollback",
     "session_scope",
     "utcnow",

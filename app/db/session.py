@@ -22,6 +22,7 @@ from app.db.aio import AsyncReadPool, libpq_dsn
 
 log = logging.getLogger(__name__)
 _HOOKS = "after_commit"
+_UNDO = "after_rollback"
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -100,19 +101,33 @@ def on_commit(session: Session, fn: Callable[[], None]) -> None:
     session.info.setdefault(_HOOKS, []).append(fn)
 
 
+def on_rollback(session: Session, fn: Callable[[], None]) -> None:
+    """Run `fn` if the edge rolls this session back (undo a side effect outside the database)."""
+    session.info.setdefault(_UNDO, []).append(fn)
+
+
 def commit(session: Session) -> None:
-    session.commit()
-    hooks = session.info.pop(_HOOKS, [])
-    for fn in hooks:
-        try:
-            fn()
-        except Exception:  # the row is committed; a reconciler re-drives what a failed hook missed
-            log.exception("after-commit hook %r failed", fn)
+    try:
+        session.commit()
+    except BaseException:
+        rollback(session)
+        raise
+    session.info.pop(_UNDO, None)
+    _run(session.info.pop(_HOOKS, []), "after-commit")
 
 
 def rollback(session: Session) -> None:
     session.info.pop(_HOOKS, None)
     session.rollback()
+    _run(session.info.pop(_UNDO, []), "after-rollback")
+
+
+def _run(hooks: list[Callable[[], None]], when: str) -> None:
+    for fn in hooks:
+        try:
+            fn()
+        except Exception:  # the transaction is settled; a reconciler re-drives what a failed hook missed
+            log.exception("%s hook %r failed", when, fn)
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.base import new_id, utcnow
-from app.db.session import on_commit
+from app.db.session import on_commit, on_rollback
 from app.errors import InvalidRequest
 from app.files import repository
 from app.files.exceptions import FileInUse, FileNotFound, S3NotConfigured
@@ -98,6 +98,7 @@ async def upload(
     except BaseException:
         await anyio.to_thread.run_sync(storage.delete, key)
         raise
+    on_rollback(session, partial(storage.delete, key))  # the row never lands: do not keep its object
     return file
 
 

@@ -17,17 +17,20 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from psycopg.rows import namedtuple_row
-from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine, delete
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.db import migrate
 from app.db.session import Database, session_scope
+from app.files.models import File
+from app.jobs.models import Job
 from app.main import create_app
 from app.queue import CeleryEnqueuer, make_celery_client
 from app.storage import LocalStorage, Storage
 from app.tenants import service as tenants
+from app.tenants.models import Tenant as TenantRow
 
 PG_HOST = os.environ.get("DISTILL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("DISTILL_TEST_REDIS", "redis://127.0.0.1:6379/12")
@@ -161,3 +164,26 @@ def alice(db: Database) -> Tenant:
 @pytest.fixture
 def bob(db: Database) -> Tenant:
     return make_tenant(db, "bob")
+
+
+COMMITTED_TENANTS = ["pool-a", "pool-b", "race"]
+
+
+@pytest.fixture
+def committed_db(engine: Engine) -> Iterator[Database]:
+    """A Database whose commits are real, for what a test transaction cannot show (other connections,
+    concurrency). Tenants named in COMMITTED_TENANTS, and their rows, are deleted afterwards."""
+    db = Database(engine)
+    yield db
+    with session_scope(db) as session:  # nothing committed here may outlive the test
+        for model in (Job, File):
+            session.execute(
+                delete(model).where(
+                    model.tenant_id.in_(
+                        session.query(TenantRow.id)
+                        .filter(TenantRow.name.in_(COMMITTED_TENANTS))
+                        .scalar_subquery()
+                    )
+                )
+            )
+        session.execute(delete(TenantRow).where(TenantRow.name.in_(COMMITTED_TENANTS)))

@@ -3,42 +3,18 @@ transaction), and its failure mode: an unreachable database is a 503."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, delete
 
 from app.config import Settings
 from app.db.session import Database, session_scope
-from app.files.models import File
-from app.jobs.models import Job
 from app.main import create_app
 from app.queue import CeleryEnqueuer
 from app.storage import LocalStorage
 from app.tenants import service as tenants
-from app.tenants.models import Tenant
 from tests.app.helpers import assert_problem, inputs, job_body
 from tests.app.test_auth_and_errors import closed_port
-
-
-@pytest.fixture
-def committed_db(engine: Engine, pg_url: str) -> Iterator[Database]:
-    db = Database(engine)
-    yield db
-    with session_scope(db) as session:  # nothing committed here may outlive the test
-        for model in (Job, File):
-            session.execute(
-                delete(model).where(
-                    model.tenant_id.in_(
-                        session.query(Tenant.id)
-                        .filter(Tenant.name.in_(["pool-a", "pool-b"]))
-                        .scalar_subquery()
-                    )
-                )
-            )
-        session.execute(delete(Tenant).where(Tenant.name.in_(["pool-a", "pool-b"])))
 
 
 def test_get_job_reads_through_the_async_pool(
