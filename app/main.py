@@ -16,6 +16,7 @@ from app.health import router as health_router
 from app.jobs.router import router as jobs_router
 from app.observability.logging import configure_logging
 from app.observability.router import install_observability
+from app.openapi_problems import problem_openapi
 from app.queue import CeleryEnqueuer, Enqueuer, make_celery_client
 from app.storage import Storage, build_storage
 from app.tenants.service import KeyCache
@@ -62,4 +63,5 @@ def create_app(
     install_observability(app, settings, lambda: app.state.db.session_factory())
     install_ui(app)
     install_webhooks(app, settings, app.state.db)
+    app.openapi = problem_openapi(app)  # type: ignore[method-assign]
     return app
