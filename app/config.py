@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     key_cache_ttl_s: float = Field(default=30.0, ge=0)
     worker_lease_s: int = Field(default=120, ge=5)
     max_attempts: int = Field(default=3, ge=1)
+    # Per tenant (app.limits): jobs queued or running at once, and of those, waiting for a worker.
+    max_active_jobs_per_tenant: int = Field(default=20, ge=1)
+    max_queued_jobs_per_tenant: int = Field(default=10, ge=1)
     readiness_timeout_s: float = Field(default=2.0, gt=0)
     # Webhooks: per-tenant signing secrets derive from this root (development: a random file in data_dir).
     webhook_secret: str | None = None

@@ -18,6 +18,7 @@ from app.jobs.schemas import (
     job_out,
 )
 from app.jobs.state import STATES
+from app.limits import JobCaps
 from app.paging import MAX_LIMIT
 from app.storage.http import object_response
 from app.storage.s3 import S3Storage
@@ -56,6 +57,7 @@ def create_job(
         idempotency_key=idempotency_key,
         enqueue=enqueue,
         max_attempts=settings.max_attempts,
+        caps=JobCaps.from_settings(settings),
     )
     if not created:
         response.status_code = 200

@@ -30,6 +30,7 @@ from app.jobs.exceptions import ArtifactNotFound, IdempotencyConflict, JobFinish
 from app.jobs.models import Artifact, Job, JobEvent
 from app.jobs.schemas import JobCreate, job_out
 from app.jobs.state import RUNNING, check_transition, is_terminal, timestamp_column
+from app.limits import JobCaps, check_job_caps
 from app.paging import split_page
 from app.queue import Enqueuer
 from app.webhooks import hooks as _webhook_hooks  # noqa: F401  (status events also go to the job's webhook)
@@ -49,6 +50,7 @@ def create_job(
     idempotency_key: str | None,
     enqueue: Enqueuer,
     max_attempts: int = 3,
+    caps: JobCaps | None = None,
 ) -> tuple[Job, bool]:
     """Validate and insert a queued job; returns `(job, created)`. The enqueue hook runs after commit.
 
@@ -62,6 +64,8 @@ def create_job(
         if existing is not None:
             return _replay(existing, request_hash), False
     _check_input_files(session, tenant_id, request)
+    if caps is not None:
+        check_job_caps(session, tenant_id, caps)
     now = utcnow()
     job = Job(
         tenant_id=tenant_id,
