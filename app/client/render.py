@@ -20,7 +20,7 @@ def job_line(job: Job) -> str:
 
 def job_summary(job: Job) -> str:
     lines = [f"job       {job.id}", f"status    {job.status}"]
-    if job.stage:
+    if job.stage and not job.done:
         lines.append(f"stage     {job.stage} ({100 * job.progress:.0f}%)")
     if job.epoch is not None:
         lines.append(f"epoch     {job.epoch}")
