@@ -109,3 +109,5 @@ def test_start_a_job_from_the_form_and_watch_it_succeed(service: Service, browse
     browser.get(f"{service.url}/ui/")
     row = f"#jobs tr[data-job-id='{job_id}'] .badge.succeeded"
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row))
+    logs = browser.get_log("browser")
+    assert not [e for e in logs if e["level"] == "SEVERE" and e["source"] != "network"], logs

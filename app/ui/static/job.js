@@ -7,6 +7,8 @@
   const events = [];
   let lastSeq = null;
   let report = null;
+  let manifest = null;  // the soft-label manifest: the teacher's accuracy, known before training starts
+  let manifestTried = 0;
   let finished = false;
 
   const first = (obj, keys) => {
@@ -49,6 +51,9 @@
 
   function teacherAccuracy(job) {
     if (report && report.teacher && typeof report.teacher.accuracy === "number") return report.teacher.accuracy;
+    const splits = (manifest && manifest.splits) || {};
+    const fromManifest = first(splits.val, ["teacher_accuracy"]) ?? first(splits.train, ["teacher_accuracy"]);
+    if (fromManifest !== undefined) return fromManifest;
     let found = first(job.metrics, TEACHER_ACC);
     for (const e of events) found = first((e.data || {}).metrics, TEACHER_ACC) ?? first(e.data, TEACHER_ACC) ?? found;
     return found;
@@ -126,10 +131,20 @@
     }
   }
 
+  async function loadManifest(job) {
+    if (manifest || ["queued", "soft_labeling"].includes(job.status) || Date.now() - manifestTried < 5000) return;
+    manifestTried = Date.now();
+    const arts = (await api(`${base}/artifacts`)).data;
+    if (arts.some((a) => a.name === "soft_labels_manifest.json")) {
+      manifest = await api(`${base}/artifacts/soft_labels_manifest.json`);
+    }
+  }
+
   async function poll() {
     try {
       const job = await api(base);
       await loadEvents();
+      await loadManifest(job);
       if (TERMINAL.has(job.status) && !finished) {
         finished = true;
         await loadArtifacts();
