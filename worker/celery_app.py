@@ -42,7 +42,7 @@ def consumer_transport_options(settings: Settings, producer_options: dict[str, A
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     shared = celery_config(settings)
-    celery = Celery("distill", include=["worker.tasks.jobs"])
+    celery = Celery("distill", include=["worker.tasks.jobs", "worker.reaper"])
     celery.conf.update(shared)
     celery.conf.update(
         # Never pickle: a message body is data, not code.

@@ -124,3 +124,14 @@ def expired_leases(session: Session, states: Sequence[str], now: datetime, limit
         .limit(limit)
     )
     return list(session.scalars(query))
+
+
+def stale_unleased(session: Session, states: Sequence[str], before: datetime, limit: int) -> list[Job]:
+    """Jobs waiting with no lease holder and untouched since `before`: their task message may be lost."""
+    query = (
+        select(Job)
+        .where(Job.status.in_(states), Job.lease_expires_at.is_(None), Job.updated_at < before)
+        .order_by(Job.updated_at)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
