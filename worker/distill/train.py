@@ -212,6 +212,7 @@ def train(
         )
         record["lr"] = optimizer.param_groups[0]["lr"]
         record["seconds"] = time.perf_counter() - epoch_started
+        record["samples_per_s"] = seen / record["seconds"]  # exported as distill_samples_per_second
         history.append(record)
 
         metric = record[metric_name] if metric_name != "last" else None
