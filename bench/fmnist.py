@@ -41,3 +41,13 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 def preprocess(x: np.ndarray) -> np.ndarray:
     """The same `(x * scale - mean) / std` the product's `Preprocess` applies."""
     return ((x.astype(np.float32) * SCALE - MEAN) / STD).astype(np.float32)
+
+
+def stratified_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Positions of a seeded `fraction` of each class in `y`, sorted."""
+    rng = np.random.default_rng(seed)
+    picks = [
+        rng.choice(np.flatnonzero(y == c), max(1, round(fraction * int((y == c).sum()))), replace=False)
+        for c in np.unique(y)
+    ]
+    return np.sort(np.concatenate(picks))

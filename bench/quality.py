@@ -28,22 +28,12 @@ import numpy as np
 import torch
 
 from bench import product, raw
-from bench.fmnist import CACHE_DIR, load_split, preprocess
+from bench.fmnist import CACHE_DIR, load_split, preprocess, stratified_subset
 from bench.teacher import TEACHER_PATH, ensure_teacher
 from worker.distill.students import build_student
 
 STUDENTS = ("mlp:hidden=32", "mlp:hidden=128")
 SETTINGS = {"a": "full labels", "b": "3% labels only", "c": "3% labels + 97% unlabelled"}
-
-
-def stratified_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Positions of a seeded `fraction` of each class in `y`, sorted."""
-    rng = np.random.default_rng(seed)
-    picks = [
-        rng.choice(np.flatnonzero(y == c), max(1, round(fraction * int((y == c).sum()))), replace=False)
-        for c in np.unique(y)
-    ]
-    return np.sort(np.concatenate(picks))
 
 
 def run_seed(seed: int, args, teacher_logits: torch.Tensor, data, work_root: Path) -> dict:

@@ -93,7 +93,8 @@ def train_teacher(epochs: int, seed: int = 0, batch_size: int = 128, lr: float =
             sched.step()
         acc = accuracy(model, xt, yt)
         print(
-            f"epoch {epoch + 1}/{epochs}  loss {loss.item():.3f}  t10k {acc:.4f}  {time.perf_counter() - t0:.0f}s",
+            f"epoch {epoch + 1}/{epochs}  loss {loss.item():.3f}  t10k {acc:.4f}"
+            f"  {time.perf_counter() - t0:.0f}s",
             flush=True,
         )
         torch.save(
