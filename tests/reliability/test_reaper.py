@@ -101,3 +101,15 @@ def test_a_job_committed_but_never_enqueued_is_requeued_and_runs_once(service, s
     assert not [e for e in events if e["kind"] == "worker_lost"]
     names = [a["name"] for a in service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]]
     assert len(names) == len(set(names))  # no duplicate artifacts
+
+
+def test_a_job_cancelled_while_no_worker_ran_never_starts(service, submit_job):  # noqa: F811
+    job_id = submit_job()
+    assert service.http.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    run_soft_label(service.ctx, job_id)  # the message delivered once a worker comes back
+    run_distill(service.ctx, job_id)
+    assert reap_once(service.ctx, now=utcnow() + LATER) == {"worker_lost": [], "requeued": []}
+    job = service.http.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["timestamps"].get("soft_labeling") is None, job
+    assert kinds(service, job_id) == ["status", "status"]  # queued, cancelled: nothing ran
+    assert not service.ctx.work_dir(job_id).exists()
