@@ -39,12 +39,18 @@ class DemoData:
     y_test: Any
     preprocess: dict[str, Any]
     student: str
+    job_config: dict[str, Any]  # sized to the data: a few epochs over 20k rows, more over 1,200
 
 
-def load_demo_data(rows: int) -> DemoData:
+def load_demo_data(rows: int, dataset: str = "auto") -> DemoData:
     import numpy as np
 
-    if (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+    if dataset not in ("auto", "fashion-mnist", "digits"):
+        raise typer.BadParameter("one of auto, fashion-mnist, digits", param_hint="--dataset")
+    have_fmnist = (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists()
+    if dataset == "fashion-mnist" and not have_fmnist:
+        raise typer.BadParameter(f"Fashion-MNIST not found in {FMNIST_DIR}", param_hint="--dataset")
+    if dataset != "digits" and have_fmnist:
         from worker.distill.data import load_dataset
 
         ds = load_dataset(FMNIST_DIR)
@@ -57,6 +63,7 @@ def load_demo_data(rows: int) -> DemoData:
             x=ds.x[train], y=ds.y[train], x_val=ds.x[val], y_val=ds.y[val], x_test=ds.x_val, y_test=ds.y_val,
             preprocess={"scale": 1 / 255, "mean": [0.2860], "std": [0.3530]},
             student="mlp:hidden=32",
+            job_config={"epochs": 6, "batch_size": 128},
         )  # fmt: skip
     from sklearn.datasets import load_digits
 
@@ -69,6 +76,7 @@ def load_demo_data(rows: int) -> DemoData:
         x=x[:1200], y=y[:1200], x_val=x[1200:1500], y_val=y[1200:1500], x_test=x[1500:], y_test=y[1500:],
         preprocess={"scale": 1 / 16, "mean": [0.3], "std": [0.37]},
         student="mlp:hidden=16",
+        job_config={"epochs": 12, "batch_size": 32, "lr": 0.01},
     )  # fmt: skip
 
 
@@ -165,7 +173,12 @@ def accuracy_and_latency(model: Any, x: Any, y: Any) -> tuple[float, float]:
 def demo(
     rows: Annotated[int, typer.Option(help="training rows uploaded (Fashion-MNIST)")] = 20000,
     teacher_epochs: Annotated[int, typer.Option(min=1)] = 3,
-    epochs: Annotated[int, typer.Option(min=1, help="distillation epochs")] = 6,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="distillation epochs (default: by dataset)")
+    ] = None,
+    dataset: Annotated[
+        str, typer.Option(help="auto (Fashion-MNIST when installed), fashion-mnist, digits")
+    ] = "auto",
 ) -> None:
     """Train a teacher, serve, distil it over HTTP, and compare teacher, student and baseline."""
     import numpy as np
@@ -174,14 +187,15 @@ def demo(
     from app.client import Client
     from app.config import get_settings
 
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     settings = get_settings()
     folder = settings.data_dir / "demo"
     folder.mkdir(parents=True, exist_ok=True)
-    data = load_demo_data(rows)
+    data = load_demo_data(rows, dataset)
+    # Small matrices run faster on one thread than on two contended ones.
+    torch.set_num_threads(1 if len(data.x_teacher) < 5000 else max(1, min(4, os.cpu_count() or 1)))
     say(f"1/5 training a teacher on {len(data.x_teacher)} {data.name} rows")
     started = time.perf_counter()
-    teacher = train_teacher(data, teacher_epochs if len(data.x_teacher) > 5000 else 40)
+    teacher = train_teacher(data, teacher_epochs if len(data.x_teacher) > 5000 else 20)
     say(f"    done in {time.perf_counter() - started:.0f} s")
     torch.jit.save(teacher, folder / "teacher.pt")
     np.savez(folder / "dataset.npz", x=data.x, y=data.y, x_val=data.x_val, y_val=data.y_val)
@@ -193,7 +207,9 @@ def demo(
             say("3/5 uploading teacher and dataset, submitting the job")
             teacher_file = client.upload(folder / "teacher.pt", "teacher")
             dataset_file = client.upload(folder / "dataset.npz", "dataset")
-            config = {"epochs": epochs, "preprocess": data.preprocess, "batch_size": 128}
+            config = {**data.job_config, "preprocess": data.preprocess}
+            if epochs is not None:
+                config["epochs"] = epochs
             job = client.create_job(
                 teacher=teacher_file.id,
                 dataset=dataset_file.id,

@@ -1,0 +1,33 @@
+"""The README's first command, `distill demo`, on its fallback dataset (scikit-learn's digits, small)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_distill_demo_trains_serves_distils_and_prints_the_table(tmp_path: Path, stack):
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "demo", "--dataset", "digits"],
+        cwd=tmp_path, env=stack.base_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "job took" in out and "KD gain over baseline" in out
+    rows = {m[0]: m[1:] for m in re.findall(r"^(teacher|student \(distilled\)) +(\S+)% +(\S+)%", out, re.M)}
+    teacher_test, student_test = float(rows["teacher"][1]), float(rows["student (distilled)"][1])
+    assert teacher_test > 85 and student_test > 80, out  # ten classes: chance is 10%
+    assert (tmp_path / ".distill" / "demo" / "student.pt").is_file()
+    assert "succeeded" in result.stderr  # progress was shown while it ran
+    # The background server is gone: nothing listens on the port it announced.
+    port = int(re.search(r"on port (\d+)", result.stderr).group(1))
+    import socket
+
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
