@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from celery.signals import worker_shutting_down
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.db import on_commit, session_scope
@@ -25,7 +26,7 @@ from app.jobs.models import Job
 from app.jobs.state import RUNNING
 from app.queue import STAGE_TASKS, TASK_DISTILL, TASK_SOFT_LABEL
 from app.storage import keys
-from app.storage.exceptions import ObjectNotFound
+from app.storage.exceptions import ObjectNotFound, StorageUnavailable
 from worker.celery_app import celery_app
 from worker.distill.errors import DistillError
 from worker.supervisor import StageCrashed, StageError, StageStopped, Step, run_steps
@@ -49,12 +50,23 @@ class Claim:
     files: list[inputs.InputFile]
 
 
-@celery_app.task(name=TASK_SOFT_LABEL)
+# The database or the store being briefly away is not the job's fault: the task is re-sent with back-off
+# (a retry takes its own lease back, or finds the job already moved on).
+RETRY_OPTIONS: dict[str, Any] = {
+    "autoretry_for": (OperationalError, StorageUnavailable),
+    "retry_backoff": 2,
+    "retry_backoff_max": 300,
+    "retry_jitter": True,
+    "max_retries": 20,
+}
+
+
+@celery_app.task(name=TASK_SOFT_LABEL, **RETRY_OPTIONS)
 def soft_label(job_id: str) -> None:
     run_soft_label(get_context(), job_id)
 
 
-@celery_app.task(name=TASK_DISTILL)
+@celery_app.task(name=TASK_DISTILL, **RETRY_OPTIONS)
 def distill(job_id: str) -> None:
     run_distill(get_context(), job_id)
 

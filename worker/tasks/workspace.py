@@ -99,7 +99,10 @@ class WorkMirror:
             except FileNotFoundError:  # pruned by the core while we were looking
                 continue
             if index.get(relpath, {}).get("sha256") != sha:
-                self.storage.upload_from(self.work / relpath, self._key(relpath))
+                try:
+                    self.storage.upload_from(self.work / relpath, self._key(relpath))
+                except FileNotFoundError:
+                    continue
                 uploaded += 1
             current[relpath] = {"size": size, "sha256": sha}
         if uploaded or set(current) != set(index):
