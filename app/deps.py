@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -21,23 +22,36 @@ from app.storage import Storage
 from app.tenants import service as tenants
 from app.tenants.exceptions import Unauthorized
 
+EDGE_THREADS = 20
+
+
+def _edge_limiter(request: Request) -> CapacityLimiter:
+    """Threads for commit, rollback and close only, apart from the handlers' pool. A handler may return
+    holding a row lock (the per-tenant caps lock the tenant row); if its commit queued for the shared pool,
+    requests blocked on that lock could hold every thread and the lock would never be released."""
+    limiter: CapacityLimiter | None = getattr(request.app.state, "edge_limiter", None)
+    if limiter is None:
+        limiter = request.app.state.edge_limiter = CapacityLimiter(EDGE_THREADS)
+    return limiter
+
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
     """Commit when the handler returns, before the response is sent (scope="function" below).
 
-    Creating a Session does no I/O; the commit, rollback and close that do run in the thread pool.
+    Creating a Session does no I/O; the commit, rollback and close that do run on the edge's own threads.
     """
     db: Database = request.app.state.db
     session = db.session_factory()
+    limiter = _edge_limiter(request)
     try:
         yield session
         if session.in_transaction():
-            await run_in_threadpool(commit, session)
+            await to_thread.run_sync(commit, session, limiter=limiter)
     except BaseException:
-        await run_in_threadpool(rollback, session)
+        await to_thread.run_sync(rollback, session, limiter=limiter)
         raise
     finally:
-        await run_in_threadpool(session.close)
+        await to_thread.run_sync(session.close, limiter=limiter)
 
 
 async def get_settings(request: Request) -> Settings:

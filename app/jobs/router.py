@@ -1,8 +1,10 @@
 from __future__ import annotations
 
-from typing import Annotated
+from functools import partial
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from app.deps import DatabaseDep, EnqueueDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.jobs import service
@@ -41,7 +43,7 @@ def _artifact_out(artifact: Artifact) -> ArtifactOut:
 
 
 @router.post("", status_code=201, responses={200: {"model": JobOut, "description": "idempotent replay"}})
-def create_job(
+async def create_job(
     body: JobCreate,
     response: Response,
     session: SessionDep,
@@ -50,18 +52,30 @@ def create_job(
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
-    job, created = service.create_job(
-        session,
-        tenant_id,
-        body,
-        idempotency_key=idempotency_key,
-        enqueue=enqueue,
-        max_attempts=settings.max_attempts,
-        caps=JobCaps.from_settings(settings),
+    # Async on purpose: the service returns holding the tenant's row lock (app.limits) until the edge
+    # commits. A sync route would then wait for a pool thread to validate its response, and under a burst
+    # every pool thread is a request blocked on that same lock: a deadlock. Here one pool thread does the
+    # service call and builds the answer (attribute loads included), and the commit has threads of its own.
+    out, created = await run_in_threadpool(
+        partial(
+            _submit,
+            session,
+            tenant_id,
+            body,
+            idempotency_key=idempotency_key,
+            enqueue=enqueue,
+            max_attempts=settings.max_attempts,
+            caps=JobCaps.from_settings(settings),
+        )
     )
     if not created:
         response.status_code = 200
-    return job_out(job)
+    return out
+
+
+def _submit(*args: Any, **kwargs: Any) -> tuple[JobOut, bool]:
+    job, created = service.create_job(*args, **kwargs)
+    return job_out(job), created
 
 
 @router.get("")
