@@ -20,7 +20,7 @@ from app.db import Database, migrate, session_scope
 from app.main import create_app
 from app.storage import build_storage
 from app.tenants import service as tenants
-from worker.celery_app import celery_app
+from worker.celery_app import make_celery
 from worker.tasks.context import WorkerContext, set_context
 
 
@@ -58,22 +58,20 @@ def service(tmp_path: Path) -> Iterator[Service]:
     db = Database.from_settings(settings)
     with session_scope(db) as session:
         key = tenants.create_key(session, "acme")
-    # The worker's Celery app publishes follow-up tasks to the same broker file the API uses.
-    previous = celery_app.conf.broker_url
-    celery_app.conf.broker_url = settings.broker_url
+    # The worker's Celery app, configured like production, publishes to the broker file the API uses.
     ctx = WorkerContext(
         settings=settings,
         db=db,
         storage=build_storage(settings),
         worker_id="test-worker",
         scratch_root=tmp_path / "scratch",
+        celery=make_celery(settings),
     )
     set_context(ctx)
     app = create_app(settings, db=db)
     with TestClient(app, headers={"Authorization": f"Bearer {key}"}) as http:
         yield Service(settings, http, ctx, broker_file)
     set_context(None)
-    celery_app.conf.broker_url = previous
     db.dispose()
 
 

@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from celery import Celery
+
 from app.config import Settings, get_settings
 from app.db import Database
 from app.storage import Storage, build_storage
@@ -22,6 +24,7 @@ class WorkerContext:
     # Unique per process start: a restarted worker is a different lease holder than the one that died.
     worker_id: str
     scratch_root: Path
+    celery: Celery  # sends the follow-up and retry tasks
 
     def work_dir(self, job_id: str) -> Path:
         return self.scratch_root / job_id
@@ -34,6 +37,8 @@ _context: WorkerContext | None = None
 def get_context() -> WorkerContext:
     """Built on first use inside the worker process (after any pool fork), then shared by its tasks."""
     global _context
+    from worker.celery_app import celery_app
+
     with _lock:
         if _context is None:
             settings = get_settings()
@@ -45,6 +50,7 @@ def get_context() -> WorkerContext:
                 storage=build_storage(settings),
                 worker_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
                 scratch_root=scratch,
+                celery=celery_app,
             )
         return _context
 

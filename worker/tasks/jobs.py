@@ -30,7 +30,7 @@ from app.storage.exceptions import ObjectNotFound, StorageUnavailable
 from worker.celery_app import celery_app
 from worker.distill.errors import DistillError
 from worker.supervisor import StageCrashed, StageError, StageStopped, Step, run_steps
-from worker.tasks import inputs, steps
+from worker.tasks import inputs, partial, steps
 from worker.tasks.context import WorkerContext, get_context
 from worker.tasks.watch import StageWatch, shutting_down
 from worker.tasks.workspace import WorkMirror, clear
@@ -47,6 +47,7 @@ class Claim:
     config: dict[str, Any]
     attempts: int
     max_attempts: int
+    max_runtime_s: int | None
     files: list[inputs.InputFile]
 
 
@@ -116,7 +117,14 @@ def claim_job(
                 return None
         files = inputs.describe(ctx.storage, service.job_inputs(session, job))
         return Claim(
-            job.id, job.tenant_id, job.status, dict(job.config), job.attempts, job.max_attempts, files
+            job.id,
+            job.tenant_id,
+            job.status,
+            dict(job.config),
+            job.attempts,
+            job.max_attempts,
+            job.max_runtime_s,
+            files,
         )
 
 
@@ -151,7 +159,13 @@ def run_claimed(
                 ctx, claim, stage, None, "the worker shut down; the stage resumes on another worker"
             )
         elif exc.reason == "cancelled":
+            if partial.wants_partial(ctx, claim.job_id):
+                partial.keep_partial_student(ctx, claim.tenant_id, claim.job_id, claim.config, work)
             clear(work)
+        elif exc.reason == "timeout":
+            partial.keep_partial_student(ctx, claim.tenant_id, claim.job_id, claim.config, work)
+            message = f"the job ran past its max_runtime_s of {claim.max_runtime_s} s"
+            _fail(ctx, claim, "timeout", message, work)
     except StageCrashed as exc:
         log.warning("job %s: stage %s crashed: %s", claim.job_id, stage, exc.message)
         _attempt_over(ctx, claim, stage, exc.code, exc.message)
@@ -238,4 +252,4 @@ def _release(session: Session, claim: Claim, worker_id: str, values: dict[str, A
 
 def _enqueue(ctx: WorkerContext, stage: str, job_id: str, countdown: float = 0) -> None:
     task, queue = STAGE_TASKS[stage]
-    celery_app.send_task(task, args=[job_id], queue=queue, countdown=countdown or None)
+    ctx.celery.send_task(task, args=[job_id], queue=queue, countdown=countdown or None)

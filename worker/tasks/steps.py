@@ -6,6 +6,7 @@ so the worker's parent process never loads torch. Results go back as JSON.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,19 @@ def soft_label_step(work: Path, config: dict[str, Any], on_progress: OnProgress)
 
 def distill_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
     from worker.distill import pipeline
+    from worker.distill.train import Stopped
 
-    return pipeline.distill(work, _config(config), on_progress)
+    # The parent stops a child with SIGTERM (cancel, timeout, shutdown). While training, that becomes the
+    # train loop's `stop`: the run ends at its next check with the last epoch checkpointed, instead of dying
+    # at a random instruction. The parent still SIGKILLs after its grace; checkpoints are written atomically.
+    requested: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.append(signum))
+    try:
+        return pipeline.distill(work, _config(config), on_progress, stop=lambda: bool(requested))
+    except Stopped:
+        raise SystemExit(0) from None  # no result and no "done": the parent already knows why it stopped
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def evaluate_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
@@ -49,5 +61,31 @@ def export_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> 
     return [Path(p).name for p in pipeline.export(work, _config(config))]
 
 
+def partial_student_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> str | None:
+    """Write the newest verified student weights to partial/partial_student.pt; its name, or None if the
+    run never finished an epoch. Prefers the finished distilled student, then fine-tuning, then distilling."""
+    import torch
+
+    from worker.distill.checkpoints import load_latest_checkpoint
+
+    ckpt = Path(work) / "checkpoints"
+    state = None
+    if (ckpt / "student.pt").is_file():
+        state = torch.load(ckpt / "student.pt", map_location="cpu", weights_only=True)
+    else:
+        for folder in (ckpt / "finetune", ckpt):
+            checkpoint = load_latest_checkpoint(folder)
+            if checkpoint is not None:
+                state = checkpoint["model"]
+                break
+    if state is None:
+        return None
+    out = Path(work) / "partial"
+    out.mkdir(exist_ok=True)
+    torch.save(state, out / PARTIAL_STUDENT)
+    return PARTIAL_STUDENT
+
+
+PARTIAL_STUDENT = "partial_student.pt"
 SOFT_LABEL_STEPS = [("preflight", preflight_step), ("soft_label", soft_label_step)]
 DISTILL_STEPS = [("distill", distill_step), ("evaluate", evaluate_step), ("export", export_step)]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 from app.db import session_scope
+from app.db.base import utcnow
 from app.jobs import service
 from app.jobs.state import PIPELINE
 from worker.tasks.context import WorkerContext
@@ -97,7 +99,7 @@ class StageWatch:
             self.lost = "moved"
 
     def should_stop(self) -> str | None:
-        """A reason to stop the child now ("cancelled", "lease_lost", "shutdown"), or None to go on."""
+        """A reason to stop the child now ("cancelled", "lease_lost", "shutdown", "timeout"), or None."""
         if shutting_down.is_set():
             return "shutdown"
         with session_scope(self.ctx.db) as session:
@@ -113,4 +115,13 @@ class StageWatch:
             return "cancelled"
         if status != self.status or self.lost:
             return "lease_lost"
+        if job is not None and past_deadline(job.max_runtime_s, job.soft_labeling_at):
+            return "timeout"
         return None
+
+
+def past_deadline(max_runtime_s: int | None, started_at: datetime | None) -> bool:
+    """The job's wall clock runs from its first stage's start, across attempts and workers."""
+    if not max_runtime_s or started_at is None:
+        return False
+    return utcnow() - started_at > timedelta(seconds=max_runtime_s)
