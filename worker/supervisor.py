@@ -130,7 +130,7 @@ def run_steps(
             if time.monotonic() >= next_check:
                 reason = should_stop()
                 if reason:
-                    _stop(proc, stop_grace)
+                    _stop(proc, stop_grace, receiver)
                     raise StageStopped(reason)
                 next_check = time.monotonic() + stop_check_interval
             if not receiver.poll(min(0.2, stop_check_interval)):
@@ -177,9 +177,18 @@ def _crash(exitcode: int | None) -> StageCrashed:
     )
 
 
-def _stop(proc: multiprocessing.process.BaseProcess, grace: float) -> None:
+def _stop(proc: multiprocessing.process.BaseProcess, grace: float, receiver: Any = None) -> None:
+    """SIGTERM, then SIGKILL after `grace`. Meanwhile the child's messages are read and dropped: a child
+    blocked writing to a full pipe could never reach its stop check and would always be killed."""
     proc.terminate()
-    proc.join(grace)
+    deadline = time.monotonic() + grace
+    while receiver is not None and proc.is_alive() and time.monotonic() < deadline:
+        try:
+            if receiver.poll(0.05):
+                receiver.recv_bytes(MAX_MESSAGE_BYTES)
+        except (EOFError, OSError):
+            break
+    proc.join(max(0.0, deadline - time.monotonic()))
     if proc.is_alive():
         proc.kill()
         proc.join()

@@ -3,8 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql.expression import false
 
 from app.db.base import Base, JSONType, UTCDateTime, new_id, utcnow
 
@@ -39,6 +40,10 @@ class Job(Base):
     validation_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id"))
     student_init_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id"))
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    # Limits the service enforces around the core: wall-clock seconds from the first stage's start, and
+    # whether a cancel keeps the last student checkpoint as an artifact.
+    max_runtime_s: Mapped[int | None] = mapped_column(Integer)
+    keep_partial: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))

@@ -37,6 +37,7 @@ _VIEW_COLUMNS = (
     "validation_file_id",
     "student_init_file_id",
     "attempts",
+    "max_runtime_s",
     "created_at",
     "updated_at",
     *(f"{state}_at" for state in STATES),

@@ -110,8 +110,10 @@ def list_events(
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: str, session: SessionDep, tenant_id: TenantDep) -> JobOut:
-    return job_out(service.cancel_job(session, tenant_id, job_id))
+def cancel_job(
+    job_id: str, session: SessionDep, tenant_id: TenantDep, keep_partial: bool = False
+) -> JobOut:
+    return job_out(service.cancel_job(session, tenant_id, job_id, keep_partial=keep_partial))
 
 
 @router.get("/{job_id}/artifacts")

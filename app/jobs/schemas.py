@@ -25,6 +25,9 @@ class JobCreate(BaseModel):
     config: DistillConfigSchema = Field(default_factory=DistillConfigSchema)
     metadata: dict[str, Any] = Field(default_factory=dict)
     webhook_url: AnyHttpUrl | None = None
+    # Wall-clock seconds from the first stage's start; past it the job fails with `timeout` and keeps the
+    # last student checkpoint as the artifact `partial_student.pt`.
+    max_runtime_s: int | None = Field(default=None, ge=1, le=30 * 24 * 3600)
 
     @field_validator("student")
     @classmethod
@@ -70,6 +73,7 @@ class JobOut(BaseModel):
     validation_file_id: str | None
     student_init_file_id: str | None
     attempts: int
+    max_runtime_s: int | None = None
     created_at: datetime
     updated_at: datetime
     timestamps: dict[str, datetime]
@@ -94,6 +98,7 @@ def job_out(job: Any) -> JobOut:
         validation_file_id=job.validation_file_id,
         student_init_file_id=job.student_init_file_id,
         attempts=job.attempts,
+        max_runtime_s=job.max_runtime_s,
         created_at=job.created_at,
         updated_at=job.updated_at,
         timestamps={state: at for state, at in stamps.items() if at is not None},

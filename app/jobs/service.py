@@ -81,6 +81,7 @@ def create_job(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         max_attempts=max_attempts,
+        max_runtime_s=request.max_runtime_s,
         created_at=now,
         updated_at=now,
         queued_at=now,
@@ -178,10 +179,13 @@ def list_events(session: Session, tenant_id: str, job_id: str, *, after: int, li
     return repository.list_events(session, job_id, after=after, limit=limit)
 
 
-def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    """Cancel now: the row is the truth, so a worker notices at its next claim or progress report."""
+def cancel_job(session: Session, tenant_id: str, job_id: str, *, keep_partial: bool = False) -> Job:
+    """Cancel now: the row is the truth, so a worker notices at its next claim or progress report.
+    `keep_partial`: the worker that stops the stage uploads the last student checkpoint first."""
     get_job(session, tenant_id, job_id)
-    if not _transition(session, job_id, "cancelled", event={"by": "user"}, clear_lease=True):
+    event = {"by": "user", "keep_partial": keep_partial}
+    values = {"keep_partial": keep_partial}
+    if not _transition(session, job_id, "cancelled", values=values, event=event, clear_lease=True):
         raise JobFinished(_refresh(session, job_id).status)
     return _refresh(session, job_id)
 

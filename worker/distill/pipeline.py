@@ -130,11 +130,17 @@ def _choose(
     return {"source": "auto", **chosen}
 
 
-def distill(work: Path, config: DistillConfig, on_progress: Progress | None = None) -> dict[str, Any]:
+def distill(
+    work: Path,
+    config: DistillConfig,
+    on_progress: Progress | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
     """Choose T/alpha, train the student on the stored logits, fine-tune it, train the baseline.
 
     Each part is checkpointed and recorded in checkpoints/state.json as it finishes; a second call resumes
     the unfinished part (train() resumes mid-run from its epoch checkpoints) or returns the recorded result.
+    `stop` is handed to every train() call: True raises `train.Stopped` with the last epoch checkpointed.
     """
     w = Work(Path(work))
     loaded, student = load_inputs(w, config)
@@ -177,7 +183,9 @@ def distill(work: Path, config: DistillConfig, on_progress: Progress | None = No
                 **metrics,
             )
 
-        result = train(model, train_data, val_data, loss, resolved, ckpt_dir=folder, on_epoch=on_epoch, **kw)
+        result = train(
+            model, train_data, val_data, loss, resolved, ckpt_dir=folder, on_epoch=on_epoch, stop=stop, **kw
+        )
         state["phases"][phase] = {
             "epochs": len(result.history),
             "best_epoch": result.best_epoch,
