@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     key_cache_ttl_s: float = Field(default=30.0, ge=0)
     worker_lease_s: int = Field(default=120, ge=5)
     max_attempts: int = Field(default=3, ge=1)
+    # The reaper (worker/reaper.py): how often each worker looks for expired leases, and how long a queued
+    # or released job may sit untouched before its message counts as lost and is sent again.
+    reaper_interval_s: float = Field(default=15.0, gt=0)
+    reaper_stale_after_s: float = Field(default=300.0, gt=0)
+    # How often a running stage pushes its work folder (soft-label shards) to the store between epochs.
+    mirror_interval_s: float = Field(default=30.0, gt=0)
     # Per tenant (app.limits): jobs queued or running at once, and of those, waiting for a worker.
     max_active_jobs_per_tenant: int = Field(default=20, ge=1)
     max_queued_jobs_per_tenant: int = Field(default=10, ge=1)

@@ -28,8 +28,7 @@ from app.jobs.state import RUNNING
 from worker.tasks.context import WorkerContext, get_context
 
 log = logging.getLogger(__name__)
-REAP_INTERVAL_S = 15.0
-STALE_AFTER_S = 300.0
+STALE_AFTER_S = 300.0  # the default of `reaper_stale_after_s`
 BATCH = 100
 
 
@@ -87,10 +86,11 @@ def reap_once(
     return done
 
 
-def run_forever(ctx: WorkerContext, stop: threading.Event, interval_s: float = REAP_INTERVAL_S) -> None:
-    while not stop.wait(interval_s):
+def run_forever(ctx: WorkerContext, stop: threading.Event, interval_s: float | None = None) -> None:
+    interval = interval_s or ctx.settings.reaper_interval_s
+    while not stop.wait(interval):
         try:
-            reap_once(ctx)
+            reap_once(ctx, stale_after_s=ctx.settings.reaper_stale_after_s)
         except Exception:  # a database or broker outage: the next pass tries again
             log.exception("reaper pass failed")
 

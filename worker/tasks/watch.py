@@ -23,7 +23,6 @@ from worker.tasks.workspace import WorkMirror
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 1.0
-MIRROR_INTERVAL_S = 30.0  # soft-label shards have no epochs: push them at least this often
 # Which job status each step of the core runs under.
 STEP_STATUS = {
     "preflight": "soft_labeling",
@@ -46,7 +45,7 @@ class StageWatch:
         self._last_write = 0.0
         self._last_epoch: tuple[str, int | None] | None = None
         self._next_renew = time.monotonic() + ctx.settings.worker_lease_s / 4
-        self._next_push = time.monotonic() + MIRROR_INTERVAL_S
+        self._next_push = time.monotonic() + ctx.settings.mirror_interval_s
 
     def on_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "stage":
@@ -64,7 +63,7 @@ class StageWatch:
             if self.mirror is not None and (new_epoch or time.monotonic() >= self._next_push):
                 # The epoch's checkpoint (or the shards so far) survive this machine.
                 self.mirror.push()
-                self._next_push = time.monotonic() + MIRROR_INTERVAL_S
+                self._next_push = time.monotonic() + self.ctx.settings.mirror_interval_s
 
     def _enter(self, new: str) -> None:
         # Only forward: a resumed task re-runs earlier steps (they find their work done) under a later status.
