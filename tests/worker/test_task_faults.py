@@ -27,8 +27,8 @@ def run_in_thread(fn, *args) -> threading.Thread:  # type: ignore[no-untyped-def
     return thread
 
 
-def kill_distill_stage(service, job_id: str) -> None:  # type: ignore[no-untyped-def]
-    thread = run_in_thread(run_distill, service.ctx, job_id)
+def kill_stage(task, service, job_id: str) -> None:  # type: ignore[no-untyped-def]
+    thread = run_in_thread(task, service.ctx, job_id)
     os.kill(stage_child().pid, signal.SIGKILL)
     thread.join(60)
     assert not thread.is_alive()
@@ -36,29 +36,30 @@ def kill_distill_stage(service, job_id: str) -> None:  # type: ignore[no-untyped
 
 def test_a_killed_stage_is_retried_and_the_next_attempt_succeeds(service, submit_job):
     job_id = submit_job()
-    run_soft_label(service.ctx, job_id)
-    kill_distill_stage(service, job_id)
+    kill_stage(run_soft_label, service, job_id)
 
     job = service.http.get(f"/v1/jobs/{job_id}").json()
-    assert job["status"] == "distilling"  # not failed: one attempt is gone, the job is not
+    assert job["status"] == "soft_labeling"  # not failed: one attempt is gone, the job is not
     events = service.http.get(f"/v1/jobs/{job_id}/events").json()["data"]
     failed = [e["data"] for e in events if e["kind"] == "attempt_failed"]
     assert [(f["code"], f["attempt"]) for f in failed] == [("stage_killed", 1)]
     assert "out-of-memory" in failed[0]["message"]
-    assert ("distill.distill", [job_id]) in service.queued_messages()  # the retry, after a back-off
+    assert (
+        service.queued_messages().count(("distill.soft_label", [job_id])) == 2
+    )  # the retry, after a back-off
 
-    run_distill(service.ctx, job_id)  # the retry's delivery
+    run_soft_label(service.ctx, job_id)  # the retry's delivery takes the stage over and finishes it
     job = service.http.get(f"/v1/jobs/{job_id}").json()
-    assert job["status"] == "succeeded", job
+    assert (job["status"], job["progress"]) == ("soft_labeling", 1.0)
     kinds = [e["kind"] for e in service.http.get(f"/v1/jobs/{job_id}/events").json()["data"]]
     assert kinds.count("resumed") == 1
+    assert ("distill.distill", [job_id]) in service.queued_messages()
 
 
 def test_a_stage_that_dies_every_time_fails_the_job_after_max_attempts(service, submit_job):
     job_id = submit_job()  # the fixture's settings allow 2 attempts
-    run_soft_label(service.ctx, job_id)
-    kill_distill_stage(service, job_id)
-    kill_distill_stage(service, job_id)
+    kill_stage(run_soft_label, service, job_id)
+    kill_stage(run_soft_label, service, job_id)
     job = service.http.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed"
     assert job["error"]["code"] == "stage_killed" and "attempt 2 of 2" in job["error"]["message"]
