@@ -59,9 +59,21 @@ class RedisServer:
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_until(self._answers, 10, "redis-server to answer")
 
@@ -125,7 +137,10 @@ class Stack:
         log = (self.tmp / f"{name}.log").open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "worker", "--loglevel", "info"],
-            cwd=self.tmp, env=self.worker_env(name), stdout=log, stderr=subprocess.STDOUT,
+            cwd=self.tmp,
+            env=self.worker_env(name),
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.workers.append(proc)
@@ -191,8 +206,12 @@ def upload(http: TestClient, purpose: str, path: Path) -> str:
 
 
 def submit(http: TestClient, teacher_id: str, dataset_id: str, config: dict[str, Any]) -> str:
-    body = {"teacher_file_ids": [teacher_id], "dataset_file_id": dataset_id, "student": "mlp:hidden=16",
-            "config": config}
+    body = {
+        "teacher_file_ids": [teacher_id],
+        "dataset_file_id": dataset_id,
+        "student": "mlp:hidden=16",
+        "config": config,
+    }
     r = http.post("/v1/jobs", json=body)
     assert r.status_code == 201, r.text
     return r.json()["id"]

@@ -72,7 +72,8 @@ def artifact_names(svc: Service, job_id: str) -> set[str]:
 def test_max_runtime_s_is_part_of_the_job_and_validated(service, tiny_inputs):  # noqa: F811
     job_id = submit(service, tiny_inputs, max_runtime_s=3600)
     assert service.http.get(f"/v1/jobs/{job_id}").json()["max_runtime_s"] == 3600
-    r = service.http.post("/v1/jobs", json={"teacher_file_ids": ["f"], "dataset_file_id": "d", "max_runtime_s": 0})
+    body = {"teacher_file_ids": ["f"], "dataset_file_id": "d", "max_runtime_s": 0}
+    r = service.http.post("/v1/jobs", json=body)
     assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
 
 

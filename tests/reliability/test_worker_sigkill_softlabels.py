@@ -15,8 +15,14 @@ from tests.reliability.stack import kill_group, stack, submit, upload, wait_unti
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(1)
 
-CONFIG = {"epochs": 1, "temperature": 2.0, "alpha": 0.5, "baseline": False, "shard_size": 300,
-          "export_formats": ["safetensors"]}
+CONFIG = {
+    "epochs": 1,
+    "temperature": 2.0,
+    "alpha": 0.5,
+    "baseline": False,
+    "shard_size": 300,
+    "export_formats": ["safetensors"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +33,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     x = rng.normal(0, 1.0, (4500, 8)).astype(np.float32)
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(
-        torch.nn.Linear(8, 768), torch.nn.ReLU(), torch.nn.Linear(768, 768), torch.nn.ReLU(),
+        torch.nn.Linear(8, 768),
+        torch.nn.ReLU(),
+        torch.nn.Linear(768, 768),
+        torch.nn.ReLU(),
         torch.nn.Linear(768, 3),
     ).eval()
     y = teacher(torch.from_numpy(x)).argmax(-1).detach().numpy()
@@ -52,7 +61,8 @@ def test_a_sigkilled_worker_mid_soft_labelling_gives_the_same_logits(tmp_path, i
         kill_group(first)
         assert s.job(job_id)["status"] == "soft_labeling"
         assert not (folder / "manifest.json").is_file() or not json.loads(
-            (folder / "manifest.json").read_text())["splits"].get("train", {}).get("complete")
+            (folder / "manifest.json").read_text()
+        )["splits"].get("train", {}).get("complete")
 
         s.start_worker("worker-b")
         job = s.wait_finished(job_id, 60)
