@@ -78,20 +78,20 @@ def test_max_runtime_s_is_part_of_the_job_and_validated(service, tiny_inputs):  
 
 
 def test_a_job_past_its_max_runtime_fails_with_timeout_and_keeps_the_student(service, tiny_inputs):  # noqa: F811
-    job_id = submit(service, tiny_inputs, max_runtime_s=15)
+    job_id = submit(service, tiny_inputs, max_runtime_s=25)
     run_soft_label(service.ctx, job_id)
     started = time.monotonic()
     thread = run_in_thread(run_distill, service.ctx, job_id)
     child = stage_child()
     thread.join(60)
     assert not thread.is_alive()
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 45
     # Exit status 0: the child left through the train loop's stop hook, not by dying from the signal.
     assert child.exitcode == 0
 
     job = service.http.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "timeout", job
-    assert "max_runtime_s of 15 s" in job["error"]["message"]
+    assert "max_runtime_s of 25 s" in job["error"]["message"]
     assert job["epoch"] >= 1
     assert artifact_names(service, job_id) == {"soft_labels_manifest.json", "partial_student.pt"}
     assert partial_student_accuracy(service, job_id, tiny_inputs[1]) > 0.8  # trained weights, not an init
