@@ -1,0 +1,47 @@
+"""Our own Redis (no persistence) killed mid-distill and started again on the same port: every message
+it held is gone, the worker must reconnect, and the job row still drives the job to one success."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from tests.reliability.stack import stack, submit, upload, wait_until
+from tests.reliability.test_worker_sigkill import CONFIG, inputs  # noqa: F401  (the module-scoped fixture)
+
+pytestmark = pytest.mark.e2e
+torch.set_num_threads(1)
+
+
+def test_a_redis_restart_mid_distill_still_ends_in_one_success(tmp_path, inputs):  # noqa: F811
+    with stack(tmp_path) as s:
+        teacher, dataset = upload(s.http, "teacher", inputs[0]), upload(s.http, "dataset", inputs[1])
+        s.start_worker("worker-a")
+        job_id = submit(s.http, teacher, dataset, {**CONFIG, "epochs": 5})
+
+        def distill_epoch() -> bool:
+            return any(e["kind"] == "epoch" for e in s.events(job_id))
+
+        wait_until(distill_epoch, 60, "the first distill epoch")
+        assert s.job(job_id)["status"] == "distilling"
+        s.redis.stop()  # SIGKILL, no persistence: the unacked delivery and every queue are lost
+        time.sleep(3)
+        s.redis.start()
+
+        job = s.wait_finished(job_id, 50)
+        assert job["status"] == "succeeded", (job, s.log("worker-a")[-3000:])
+        time.sleep(2)  # a second completion, if one were coming, would show by now (reaper every 1 s)
+        events = s.events(job_id)
+        done = [e for e in events if e["kind"] == "status" and e["data"].get("to") == "succeeded"]
+        assert len(done) == 1, [e["kind"] for e in events]
+        assert [e for e in events if e["kind"] == "status" and e["data"].get("to") == "failed"] == []
+        names = [a["name"] for a in s.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]]
+        assert "student.safetensors" in names and len(names) == len(set(names)), names
+        assert s.http.get(f"/v1/jobs/{job_id}/artifacts/student.safetensors").status_code == 200
+        assert s.workers[0].poll() is None, "the worker must survive the broker outage"
+
+        # The same worker consumes from the restarted broker: it reconnected, not just finished in flight.
+        again = submit(s.http, teacher, dataset, {**CONFIG, "epochs": 1})
+        assert s.wait_finished(again, 40)["status"] == "succeeded", s.log("worker-a")[-3000:]
