@@ -19,6 +19,8 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._refusing = False
+        self.refused = 0  # connections cut while `down(listen=True)`: how often a client tried again
 
     def __enter__(self) -> TcpProxy:
         self._thread.start()
@@ -34,6 +36,10 @@ class TcpProxy:
         asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
     def up(self) -> None:
+        self._refusing = False
+        if self._server is not None:
+            return
+
         async def listen() -> None:
             self._server = await asyncio.start_server(
                 self._accept, "127.0.0.1", self.port, reuse_address=True
@@ -41,9 +47,12 @@ class TcpProxy:
 
         self._run(listen())
 
-    def down(self) -> None:
+    def down(self, *, listen: bool = False) -> None:
+        """Cut every connection; new ones are refused, or with `listen` accepted, counted and cut at once."""
+
         async def close() -> None:
-            if self._server is not None:
+            self._refusing = listen
+            if self._server is not None and not listen:
                 self._server.close()
                 self._server = None
             for writer in list(self._writers):
@@ -53,6 +62,10 @@ class TcpProxy:
         self._run(close())
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            self.refused += 1
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
