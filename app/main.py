@@ -13,6 +13,7 @@ from app.db.session import Database
 from app.errors import install_exception_handler
 from app.files.router import router as files_router
 from app.health import router as health_router
+from app.jobs.router import install_job_poll
 from app.jobs.router import router as jobs_router
 from app.observability.logging import configure_logging
 from app.observability.router import install_observability
@@ -59,6 +60,7 @@ def create_app(
     app.include_router(health_router)
     app.include_router(files_router)
     app.include_router(jobs_router)
+    install_job_poll(app)
     configure_logging()
     install_observability(app, settings, lambda: app.state.db.session_factory())
     install_ui(app)

@@ -1,0 +1,60 @@
+"""The async read pool coalesces concurrent reads into pipelines on few connections; each caller still gets
+its own answer, and a failing query fails only its caller. The poll route serves `GET /v1/jobs/{id}`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+
+from app.db.aio import AsyncReadPool, libpq_dsn
+from app.jobs.router import poll_job
+from app.main import create_app
+from tests.app.test_auth_and_errors import closed_port
+
+
+def _run(pg_url: str, size: int, queries: list[tuple[str, dict]]) -> tuple[list[object], int]:
+    async def main() -> tuple[list[object], int]:
+        pool = AsyncReadPool(libpq_dsn(pg_url), size)
+        try:
+            results = await asyncio.gather(*(pool.fetchone(sql, p) for sql, p in queries),
+                                           return_exceptions=True)
+            after = await pool.fetchone("SELECT 7 AS n", {})  # the pool still works afterwards
+            assert after.n == 7
+            return results, len(pool._idle)
+        finally:
+            await pool.close()
+
+    return asyncio.run(main())
+
+
+def test_concurrent_reads_on_one_connection_each_get_their_own_row(pg_url: str) -> None:
+    queries = [("SELECT %(n)s::int AS n, %(s)s::text AS s", {"n": n, "s": f"row-{n}"}) for n in range(40)]
+    results, connections = _run(pg_url, 1, queries)
+    assert [(r.n, r.s) for r in results] == [(n, f"row-{n}") for n in range(40)]  # type: ignore[attr-defined]
+    assert connections == 1
+
+
+def test_a_failing_query_fails_only_its_caller(pg_url: str) -> None:
+    queries = [("SELECT 10 / %(d)s::int AS q", {"d": d}) for d in (1, 2, 0, 5, 10)]
+    results, _ = _run(pg_url, 1, queries)
+    assert isinstance(results[2], psycopg.errors.DivisionByZero)
+    assert [r.q for i, r in enumerate(results) if i != 2] == [10, 5, 2, 1]  # type: ignore[attr-defined]
+
+
+def test_unreachable_database_fails_every_waiting_caller() -> None:
+    url = f"postgresql://u@127.0.0.1:{closed_port()}/x"
+
+    async def main() -> list[object]:
+        pool = AsyncReadPool(url, 2)
+        reads = (pool.fetchone("SELECT 1", {}) for _ in range(5))
+        return await asyncio.gather(*reads, return_exceptions=True)
+
+    assert all(isinstance(r, psycopg.OperationalError) for r in asyncio.run(main()))
+
+
+def test_the_poll_route_matches_first_and_get_job_stays_documented() -> None:
+    app = create_app()
+    first = app.router.routes[0]
+    assert first.endpoint is poll_job and "GET" in first.methods  # type: ignore[attr-defined]
+    assert "get" in app.openapi()["paths"]["/v1/jobs/{job_id}"]
