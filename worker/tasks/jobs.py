@@ -143,8 +143,10 @@ def run_claimed(
         mirror.pull()
         run_steps(stage_steps, work, claim.config, on_message=watch.on_message, should_stop=watch.should_stop)
         watch.flush()
-        mirror.push()
-        on_success(ctx, claim)
+        with watch.heartbeat():
+            watch.drain()
+            mirror.push()
+            on_success(ctx, claim)
     except DistillError as exc:
         _fail(ctx, claim, exc.code, exc.message, work)
     except StageError as exc:

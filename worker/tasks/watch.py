@@ -7,9 +7,11 @@ status is read about once a second so a cancel reaches the child within seconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -46,6 +48,7 @@ class StageWatch:
         self._last_epoch: tuple[str, int | None] | None = None
         self._next_renew = time.monotonic() + ctx.settings.worker_lease_s / 4
         self._next_push = time.monotonic() + ctx.settings.mirror_interval_s
+        self._pusher: threading.Thread | None = None
 
     def on_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "stage":
@@ -61,9 +64,57 @@ class StageWatch:
             if new_epoch:
                 self._last_epoch = epoch_key
             if self.mirror is not None and (new_epoch or time.monotonic() >= self._next_push):
-                # The epoch's checkpoint (or the shards so far) survive this machine.
-                self.mirror.push()
+                self._push_in_background()
                 self._next_push = time.monotonic() + self.ctx.settings.mirror_interval_s
+
+    def _push_in_background(self) -> None:
+        """The epoch's checkpoint (or the shards so far) survive this machine. Off this thread, because an
+        upload retrying through a storage outage must not stop the lease heartbeat (the reaper would take the
+        job from a worker that is fine). One push at a time; one that fails is redone by the next."""
+        if self._pusher is not None and self._pusher.is_alive():
+            return
+        self._pusher = threading.Thread(target=self._push, name=f"mirror-{self.job_id}", daemon=True)
+        self._pusher.start()
+
+    def _push(self) -> None:
+        assert self.mirror is not None
+        try:
+            self.mirror.push()
+        except Exception as exc:  # the stage's final push (synchronous) is the one that must succeed
+            log.warning(
+                "job %s: mirroring the work folder failed, retried at the next push: %s", self.job_id, exc
+            )
+
+    @contextlib.contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """Keep the lease while the task itself works after the child (final uploads, which may be retrying
+        through a storage outage): no child messages come then to drive `should_stop`."""
+        done = threading.Event()
+
+        def beat() -> None:
+            every = self.ctx.settings.worker_lease_s / 4
+            while not done.wait(every):
+                try:
+                    with session_scope(self.ctx.db) as session:
+                        if not service.renew_lease(
+                            session, self.job_id, self.ctx.worker_id, lease_s=self.ctx.settings.worker_lease_s
+                        ):
+                            return
+                except Exception as exc:  # the database away too: the lease may lapse, the reaper decides
+                    log.warning("job %s: renewing the lease failed: %s", self.job_id, exc)
+
+        thread = threading.Thread(target=beat, name=f"lease-{self.job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def drain(self) -> None:
+        """Wait for a background push, so the caller's own push never runs beside it."""
+        if self._pusher is not None:
+            self._pusher.join()
 
     def _enter(self, new: str) -> None:
         # Only forward: a resumed task re-runs earlier steps (they find their work done) under a later status.
