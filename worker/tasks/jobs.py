@@ -157,6 +157,11 @@ def run_claimed(
     except StageStopped as exc:
         log.info("job %s: stage %s stopped (%s)", claim.job_id, stage, exc.reason)
         if exc.reason == "shutdown":
+            # The child checkpointed on its way out: that checkpoint must reach the store before the job
+            # is handed back, or the next worker resumes from an older epoch (or from scratch).
+            watch.drain()
+            with watch.heartbeat():
+                mirror.push()
             _attempt_over(
                 ctx, claim, stage, None, "the worker shut down; the stage resumes on another worker"
             )

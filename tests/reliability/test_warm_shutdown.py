@@ -1,0 +1,77 @@
+"""A real `distill worker` process asked to stop (SIGTERM, as `docker stop` or a spot notice would) in the
+middle of distillation: the stage checkpoints through the train loop's stop hook within the grace time,
+the job is handed back (no failure, no `worker_lost`), and a second worker resumes it from that checkpoint."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.reliability.stack import stack, submit, upload, wait_until
+
+pytestmark = pytest.mark.e2e
+torch.set_num_threads(1)
+
+CONFIG = {
+    "epochs": 8,
+    "temperature": 2.0,
+    "alpha": 0.5,
+    "batch_size": 16,
+    "baseline": False,
+    "export_formats": ["safetensors"],
+}
+GRACE_S = 15  # what an orchestrator would allow before its SIGKILL
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(5)
+    centers = rng.normal(0, 2.0, (3, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 1000)
+    x = (centers[y] + rng.normal(0, 1.0, (1000, 8))).astype(np.float32)
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+    torch.jit.save(torch.jit.script(teacher), folder / "teacher.pt")
+    np.savez(folder / "train.npz", x=x, y=y.astype(np.int64))
+    return folder / "teacher.pt", folder / "train.npz"
+
+
+def test_sigterm_mid_distill_checkpoints_hands_back_and_resumes(tmp_path, inputs):
+    with stack(tmp_path) as s:
+        teacher, dataset = upload(s.http, "teacher", inputs[0]), upload(s.http, "dataset", inputs[1])
+        first = s.start_worker("worker-a")
+        job_id = submit(s.http, teacher, dataset, CONFIG)
+
+        def distill_epoch() -> bool:
+            return any(e["kind"] == "epoch" and (e["data"].get("epoch") or 0) >= 2 for e in s.events(job_id))
+
+        wait_until(distill_epoch, 60, "a second distill epoch")
+        asked = time.monotonic()
+        first.send_signal(signal.SIGTERM)  # the worker process only, as `docker stop` does
+        first.wait(GRACE_S)  # raises if the worker does not stop within the grace time
+        assert time.monotonic() - asked < GRACE_S
+        log_a = s.log("worker-a")
+        job = s.job(job_id)
+        assert job["status"] == "distilling", (job, log_a[-3000:])
+        assert "stopped (shutdown)" in log_a, log_a[-3000:]
+        last_epoch_a = max(e["data"]["epoch"] for e in s.events(job_id) if e["kind"] == "epoch")
+
+        s.start_worker("worker-b")
+        job = s.wait_finished(job_id, 60)
+        assert job["status"] == "succeeded", (job, s.log("worker-b")[-3000:])
+        events = s.events(job_id)
+        kinds = [e["kind"] for e in events]
+        assert "worker_lost" not in kinds and "attempt_failed" not in kinds, kinds
+        assert kinds.count("resumed") == 1, kinds
+        resumed = next(e["seq"] for e in events if e["kind"] == "resumed")
+        first_epoch_b = next(
+            e["data"]["epoch"] for e in events if e["seq"] > resumed and e["kind"] == "epoch"
+        )
+        # Resumed from the checkpoint written at the stop, not trained again from epoch 1.
+        assert first_epoch_b > 1 and first_epoch_b >= last_epoch_a, (first_epoch_b, last_epoch_a)
