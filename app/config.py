@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     s3_secret_access_key: str | None = None
     # Artifact downloads answer 307 to a short-lived presigned GET instead of proxying the bytes.
     s3_presign_downloads: bool = False
+    # Workers keep retrying an unreachable store this long (backoff up to 15 s) before an upload counts as
+    # failed: a store down for a minute must not cost a job. The API keeps botocore's few quick retries and
+    # answers 503, since a client waiting on it is better told at once.
+    s3_worker_retry_budget_s: float = Field(default=120.0, ge=0)
     presign_expires_s: int = Field(default=300, ge=1, le=3600)
 
     max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)

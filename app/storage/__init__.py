@@ -7,7 +7,9 @@ from app.storage.base import Storage
 from app.storage.local import LocalStorage
 
 
-def build_storage(settings: Settings) -> Storage:
+def build_storage(settings: Settings, *, for_worker: bool = False) -> Storage:
+    """`for_worker`: retry an unreachable S3 store for `s3_worker_retry_budget_s` (a worker can wait; the API
+    must answer quickly)."""
     if settings.storage_backend == "s3":
         from app.storage.s3 import S3Storage, make_client
 
@@ -17,7 +19,8 @@ def build_storage(settings: Settings) -> Storage:
             settings.s3_access_key_id,
             settings.s3_secret_access_key,
         )
-        return S3Storage(client, settings.s3_bucket)
+        budget = settings.s3_worker_retry_budget_s if for_worker else 0.0
+        return S3Storage(client, settings.s3_bucket, retry_budget_s=budget)
     return LocalStorage(settings.storage_path)
 
 

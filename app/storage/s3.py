@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from app.storage.base import READ_CHUNK, SizeLimitedHasher, Storage, sha256_file
 from app.storage.exceptions import ObjectNotAccessible, ObjectNotFound, StorageUnavailable
 
 PART_BYTES = 8 * 1024 * 1024  # S3 needs >= 5 MiB for every part but the last
+MAX_BACKOFF_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -46,19 +48,48 @@ def _missing(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 
 
+def _unavailable(exc: Exception) -> bool:
+    """The store is away (refused, timeout, 5xx, throttling), as opposed to the request being bad."""
+    if isinstance(exc, BotoCoreError):
+        return True
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code"))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout", "ServiceUnavailable")
+    return False
+
+
 class S3Storage(Storage):
-    def __init__(self, client: Any, bucket: str, *, part_bytes: int = PART_BYTES) -> None:
+    def __init__(
+        self, client: Any, bucket: str, *, part_bytes: int = PART_BYTES, retry_budget_s: float = 0.0
+    ) -> None:
         self.client = client
         self.bucket = bucket
         self.part_bytes = part_bytes
+        # Beyond botocore's own quick retries: keep trying an unavailable store this long (0: give up).
+        self.retry_budget_s = retry_budget_s
 
     def with_bucket(self, bucket: str) -> S3Storage:
         """The same client on another bucket: files registered from `s3://other-bucket/key`."""
-        return S3Storage(self.client, bucket, part_bytes=self.part_bytes)
+        return S3Storage(self.client, bucket, part_bytes=self.part_bytes, retry_budget_s=self.retry_budget_s)
+
+    def _patient(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` again with exponential backoff while the store is unavailable and the budget lasts."""
+        deadline = time.monotonic() + self.retry_budget_s
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except (ClientError, BotoCoreError) as exc:
+                left = deadline - time.monotonic()
+                if not _unavailable(exc) or left <= 0:
+                    raise
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, MAX_BACKOFF_S)
 
     def _call(self, key: str, fn: Any, **kwargs: Any) -> Any:
         try:
-            return fn(Bucket=self.bucket, **kwargs)
+            return self._patient(lambda: fn(Bucket=self.bucket, **kwargs))
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
             if _missing(exc):
@@ -158,16 +189,18 @@ class S3Storage(Storage):
     def download_to(self, key: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.client.download_file(self.bucket, key, str(path))
+            self._patient(lambda: self.client.download_file(self.bucket, key, str(path)))
         except ClientError as exc:
             if _missing(exc):
                 raise ObjectNotFound(key) from exc
             raise
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"object storage unreachable: {exc}") from exc
 
     def upload_from(self, path: Path, key: str) -> tuple[int, str]:
         size, sha = sha256_file(path)
         try:
-            self.client.upload_file(str(path), self.bucket, key)
+            self._patient(lambda: self.client.upload_file(str(path), self.bucket, key))
         except BotoCoreError as exc:
             raise StorageUnavailable(f"object storage unreachable: {exc}") from exc
         return size, sha

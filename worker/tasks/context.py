@@ -47,7 +47,7 @@ def get_context() -> WorkerContext:
             _context = WorkerContext(
                 settings=settings,
                 db=Database.from_settings(settings),
-                storage=build_storage(settings),
+                storage=build_storage(settings, for_worker=True),
                 worker_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
                 scratch_root=scratch,
                 celery=celery_app,
