@@ -13,7 +13,7 @@ import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -141,6 +141,9 @@ async def handle_exception(request: Request, exc: Exception) -> JSONResponse:
             "the database is unreachable; retry",
             headers={"Retry-After": "5"},
         )
+    if isinstance(exc, (DataError, psycopg.DataError)):
+        # e.g. a NUL character in a string or JSON value: PostgreSQL cannot store it, the client can fix it
+        return problem(400, "invalid_input", "Invalid input", "the request holds a value that cannot be stored")
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem(500, "internal_error", "Internal server error", "an unexpected error occurred")
 
@@ -155,5 +158,6 @@ def install_exception_handler(app: FastAPI) -> None:
         DBAPIError,
         PoolTimeoutError,
         psycopg.OperationalError,
+        psycopg.DataError,
     ):
         app.add_exception_handler(exc_type, handle_exception)

@@ -102,15 +102,18 @@ async def poll_job(request: Request) -> Response:
     """`GET /v1/jobs/{job_id}`, the path every client polls, as a plain Starlette endpoint: FastAPI's
     dependency resolution and its nested routers cost about as much CPU as the database read here.
     Errors are raised as usual, so the one exception handler renders them."""
+    request.scope["route"] = JOB_POLL_ROUTE  # FastAPI routes set this; the latency metric labels by it
     tenant_id = await current_tenant(request)
     body = await service.job_json(request.app.state.db, tenant_id, request.path_params["job_id"])
     return Response(body, media_type="application/json")
 
 
+JOB_POLL_ROUTE = Route("/v1/jobs/{job_id}", poll_job, methods=["GET"], include_in_schema=False)
+
+
 def install_job_poll(app: FastAPI) -> None:
     """Ahead of every router, so the poll matches first; `get_job` stays for the schema."""
-    route = Route("/v1/jobs/{job_id}", poll_job, methods=["GET"], include_in_schema=False)
-    app.router.routes.insert(0, route)
+    app.router.routes.insert(0, JOB_POLL_ROUTE)
 
 
 @router.get("/{job_id}/events")

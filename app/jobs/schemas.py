@@ -12,16 +12,20 @@ from app.jobs.state import TIMESTAMP_STATES
 MAX_METADATA_BYTES = 16 * 1024
 
 
+# Ids are ours (`file_<hex>`): anything else is refused here, before it reaches SQL.
+FileId = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    teacher_file_ids: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(
+    teacher_file_ids: list[FileId] = Field(
         min_length=1, max_length=8
     )
-    dataset_file_id: str = Field(min_length=1, max_length=40)
-    validation_file_id: str | None = Field(default=None, min_length=1, max_length=40)
+    dataset_file_id: FileId
+    validation_file_id: FileId | None = None
     student: str = "mlp:hidden=128"
-    student_init_file_id: str | None = Field(default=None, min_length=1, max_length=40)
+    student_init_file_id: FileId | None = None
     config: DistillConfigSchema = Field(default_factory=DistillConfigSchema)
     metadata: dict[str, Any] = Field(default_factory=dict)
     webhook_url: AnyHttpUrl | None = None

@@ -136,3 +136,12 @@ def test_another_tenants_ids_look_missing_on_every_route_with_an_id(
     assert client.get(f"/v1/files/{teacher}", headers=alice.headers).status_code == 200
     assert client.get(f"/v1/jobs/{job_id}/artifacts/report.json", headers=alice.headers).content == b"{}"
     assert client.get(f"/v1/jobs/{job_id}", headers=alice.headers).json()["status"] == "queued"
+
+
+def test_a_nul_character_is_a_4xx_never_a_500(client: TestClient, alice: Tenant) -> None:
+    # Found by schemathesis: PostgreSQL cannot store NUL, so such input must be refused, not crash.
+    teacher, dataset = inputs(client, alice.headers)
+    bad_id = job_body("file_\x00x", dataset)
+    assert_problem(client.post("/v1/jobs", json=bad_id, headers=alice.headers), 422, "validation_error")
+    bad_metadata = job_body(teacher, dataset, metadata={"note": "a\x00b"})
+    assert_problem(client.post("/v1/jobs", json=bad_metadata, headers=alice.headers), 400, "invalid_input")
