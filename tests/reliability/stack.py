@@ -215,3 +215,20 @@ def submit(http: TestClient, teacher_id: str, dataset_id: str, config: dict[str,
     r = http.post("/v1/jobs", json=body)
     assert r.status_code == 201, r.text
     return r.json()["id"]
+
+
+def blob_job_inputs(folder: Path, rows: int, seed: int) -> tuple[Path, Path]:
+    """A TorchScript teacher (8 -> 3 classes) and an NPZ of `rows` Gaussian-blob rows: small enough that a job
+    takes seconds, big enough that a worker can be killed between epochs."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 2.0, (3, 8)).astype(np.float32)
+    y = rng.integers(0, 3, rows)
+    x = (centers[y] + rng.normal(0, 1.0, (rows, 8))).astype(np.float32)
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+    torch.jit.save(torch.jit.script(teacher), folder / "teacher.pt")
+    np.savez(folder / "train.npz", x=x, y=y.astype(np.int64))
+    return folder / "teacher.pt", folder / "train.npz"

@@ -8,11 +8,10 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from tests.reliability.stack import stack, submit, upload, wait_until
+from tests.reliability.stack import blob_job_inputs, stack, submit, upload, wait_until
 
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(1)
@@ -30,16 +29,7 @@ GRACE_S = 15  # what an orchestrator would allow before its SIGKILL
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("inputs")
-    rng = np.random.default_rng(5)
-    centers = rng.normal(0, 2.0, (3, 8)).astype(np.float32)
-    y = rng.integers(0, 3, 1000)
-    x = (centers[y] + rng.normal(0, 1.0, (1000, 8))).astype(np.float32)
-    torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
-    torch.jit.save(torch.jit.script(teacher), folder / "teacher.pt")
-    np.savez(folder / "train.npz", x=x, y=y.astype(np.int64))
-    return folder / "teacher.pt", folder / "train.npz"
+    return blob_job_inputs(tmp_path_factory.mktemp("inputs"), rows=1000, seed=5)
 
 
 def test_sigterm_mid_distill_checkpoints_hands_back_and_resumes(tmp_path, inputs):

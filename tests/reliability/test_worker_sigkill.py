@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.numpy import load as load_safetensors
 
-from tests.reliability.stack import kill_group, stack, submit, upload, wait_until
+from tests.reliability.stack import blob_job_inputs, kill_group, stack, submit, upload, wait_until
 
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(1)
@@ -28,16 +28,7 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("inputs")
-    rng = np.random.default_rng(3)
-    centers = rng.normal(0, 2.0, (3, 8)).astype(np.float32)
-    y = rng.integers(0, 3, 2000)
-    x = (centers[y] + rng.normal(0, 1.0, (2000, 8))).astype(np.float32)
-    torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
-    torch.jit.save(torch.jit.script(teacher), folder / "teacher.pt")
-    np.savez(folder / "train.npz", x=x, y=y.astype(np.int64))
-    return folder / "teacher.pt", folder / "train.npz"
+    return blob_job_inputs(tmp_path_factory.mktemp("inputs"), rows=2000, seed=3)
 
 
 def weights(http, job_id: str) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
