@@ -143,7 +143,8 @@ async def handle_exception(request: Request, exc: Exception) -> JSONResponse:
         )
     if isinstance(exc, (DataError, psycopg.DataError)):
         # e.g. a NUL character in a string or JSON value: PostgreSQL cannot store it, the client can fix it
-        return problem(400, "invalid_input", "Invalid input", "the request holds a value that cannot be stored")
+        detail = "the request holds a value that cannot be stored"
+        return problem(400, "invalid_input", "Invalid input", detail)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem(500, "internal_error", "Internal server error", "an unexpected error occurred")
 

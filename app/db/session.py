@@ -61,10 +61,10 @@ class Database:
     BEGIN + SELECT + ROLLBACK. Use them only for reads that need no transaction.
     """
 
-    def __init__(self, engine: Engine, *, pool_size: int = 10) -> None:
+    def __init__(self, engine: Engine, *, read_pool_size: int = 2) -> None:
         self.engine = engine
         self._url = engine.url.render_as_string(hide_password=False)
-        self._pool_size = pool_size
+        self._read_pool_size = read_pool_size
         self._read_pool: AsyncReadPool | None = None
         self._read_pool_loop: asyncio.AbstractEventLoop | None = None
         self.session_factory: Callable[[], Session] = sessionmaker(engine, expire_on_commit=False)
@@ -79,7 +79,7 @@ class Database:
         """One row from a psycopg-syntax query on the async read pool (PostgreSQL only)."""
         loop = asyncio.get_running_loop()
         if self._read_pool is None or self._read_pool_loop is not loop:
-            self._read_pool = AsyncReadPool(libpq_dsn(self._url), self._pool_size)
+            self._read_pool = AsyncReadPool(libpq_dsn(self._url), self._read_pool_size)
             self._read_pool_loop = loop
         return await self._read_pool.fetchone(sql, params)
 
@@ -90,7 +90,7 @@ class Database:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
-        return cls(make_engine(settings), pool_size=settings.database_pool_size)
+        return cls(make_engine(settings), read_pool_size=settings.database_read_pool_size)
 
     def dispose(self) -> None:
         self.engine.dispose()
