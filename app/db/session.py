@@ -61,7 +61,7 @@ class Database:
     BEGIN + SELECT + ROLLBACK. Use them only for reads that need no transaction.
     """
 
-    def __init__(self, engine: Engine, *, read_pool_size: int = 2) -> None:
+    def __init__(self, engine: Engine, *, read_pool_size: int = 1) -> None:
         self.engine = engine
         self._url = engine.url.render_as_string(hide_password=False)
         self._read_pool_size = read_pool_size

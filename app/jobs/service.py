@@ -154,9 +154,11 @@ async def job_json(db: Database, tenant_id: str, job_id: str) -> bytes:
     """`GET /v1/jobs/{id}` as JSON bytes, the path every client polls: on PostgreSQL one prepared query on
     the async read pool (no thread hop, no ORM objects); elsewhere one column query in the thread pool."""
     if db.dialect == "postgresql":
-        row = await repository.get_view_for_tenant_async(db, tenant_id, job_id)
-    else:
-        row = await run_in_threadpool(_read_view, db, tenant_id, job_id)
+        body = await repository.get_json_for_tenant_async(db, tenant_id, job_id)
+        if body is None:
+            raise JobNotFound()
+        return body.encode()
+    row = await run_in_threadpool(_read_view, db, tenant_id, job_id)
     if row is None:
         raise JobNotFound()
     return job_out(row).model_dump_json().encode()
