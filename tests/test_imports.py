@@ -23,3 +23,10 @@ def test_api_package_loads_without_torch() -> None:
     code = "import sys, app.main; assert 'torch' not in sys.modules, 'app imported torch'"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_worker_task_process_loads_without_torch() -> None:
+    # The Celery task process supervises; only the stage's spawned child loads the PyTorch core.
+    code = "import sys, worker.tasks.jobs; assert 'torch' not in sys.modules, 'task process imported torch'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

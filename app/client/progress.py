@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from app.client.models import Job
 
-ACCURACY_KEYS = ("val_accuracy", "val_acc", "accuracy")
+ACCURACY_KEYS = ("student_accuracy", "val_accuracy", "val_acc", "accuracy")  # finished, then per epoch
 
 
 def val_accuracy(metrics: dict[str, Any]) -> float | None:
@@ -45,8 +45,8 @@ class ProgressPrinter:
         assert self.bar is not None
         self.bar.n = round(100 * min(max(job.progress, 0.0), 1.0), 1)
         postfix = {}
-        if job.epoch is not None:
-            postfix["epoch"] = job.epoch
+        if job.epoch is not None and not job.done:
+            postfix["epoch"] = f"{_phase(job)}{job.epoch}"
         acc = val_accuracy(job.metrics)
         if acc is not None:
             postfix["val_acc"] = f"{acc:.3f}"
@@ -58,7 +58,7 @@ class ProgressPrinter:
     def _print_line(self, job: Job) -> None:
         parts = [job.id, job.status if job.done else (job.stage or job.status)]
         if job.epoch is not None and not job.done:
-            parts.append(f"epoch {job.epoch}")
+            parts.append(f"{_phase(job)}epoch {job.epoch}")
         acc = val_accuracy(job.metrics)
         if acc is not None:
             parts.append(f"val_acc {acc:.3f}")
@@ -71,3 +71,10 @@ class ProgressPrinter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _phase(job: Job) -> str:
+    """The distill stage trains up to three models in turn; name the fine-tune and baseline runs, so their
+    epochs and accuracy are not read as the student's."""
+    phase = job.metrics.get("phase")
+    return f"{phase} " if isinstance(phase, str) and phase not in ("distill", "") else ""

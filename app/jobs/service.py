@@ -389,11 +389,13 @@ def fail_job(session: Session, job_id: str, code: str, message: str) -> bool:
     )
 
 
-def finish_job(session: Session, job_id: str) -> bool:
-    """`exporting -> succeeded`; False if the job is not exporting (cancelled, or finished twice)."""
-    return _transition(
-        session, job_id, "succeeded", expected="exporting", values={"progress": 1.0}, clear_lease=True
-    )
+def finish_job(session: Session, job_id: str, metrics: dict[str, Any] | None = None) -> bool:
+    """`exporting -> succeeded`; False if the job is not exporting (cancelled, or finished twice).
+    `metrics`, when given, replace the last epoch's: a finished job shows its result, not its last step."""
+    values: dict[str, Any] = {"progress": 1.0}
+    if metrics is not None:
+        values["metrics"] = _json_safe(metrics)
+    return _transition(session, job_id, "succeeded", expected="exporting", values=values, clear_lease=True)
 
 
 def jobs_with_expired_lease(session: Session, now: datetime | None = None, limit: int = 100) -> list[Job]:

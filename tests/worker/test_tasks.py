@@ -40,6 +40,13 @@ def test_soft_label_hands_over_to_distill_which_publishes_the_student(service, s
     assert [e["data"]["epoch"] for e in events if e["kind"] == "epoch" and e["data"]["stage"] == "distilling"]
     names = {a["name"] for a in service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
     assert {"student.pt", "report.json", "model_card.json", "soft_labels_manifest.json"} <= names
+    # The finished job shows its result (the report's headline), not the last epoch of the baseline run.
+    report = service.http.get(f"/v1/jobs/{job_id}/artifacts/report.json").json()
+    assert job["metrics"]["student_accuracy"] == report["student"]["accuracy"]
+    assert job["metrics"]["baseline_accuracy"] == (report["baseline"] or {}).get("accuracy")
+    assert job["metrics"]["kd_gain_points"] == report["kd_gain_points"]
+    assert job["metrics"]["temperature"] == report["hyperparameters"]["temperature"]
+    assert "phase" not in job["metrics"]
     student = torch.jit.load(io.BytesIO(service.http.get(f"/v1/jobs/{job_id}/artifacts/student.pt").content))
     assert student(torch.zeros(5, 8)).shape == (5, 3)
     assert not service.ctx.work_dir(job_id).exists()  # scratch is cleared once the job is done

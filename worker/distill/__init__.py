@@ -1,1 +1,2 @@
-"""The PyTorch core of distill: loaders, soft labels, losses, training, evaluation, export. No web, DB or Celery."""
+"""The PyTorch core of distill: loaders, soft labels, losses, training, evaluation, export.
+No web, DB or Celery."""

@@ -31,7 +31,8 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
     for part in filter(None, (p.strip() for p in rest.split(";"))):
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
-            raise ConfigError(f"bad parameter {part!r} in model spec {spec!r}; expected key=value", field="student")
+            message = f"bad parameter {part!r} in model spec {spec!r}; expected key=value"
+            raise ConfigError(message, field="student")
         items = [_number(v.strip()) for v in value.split(",")]
         params[key.strip()] = items if len(items) > 1 else items[0]
     return name.strip(), params
@@ -114,10 +115,12 @@ class DistillConfig:
             if not ok:
                 raise ConfigError(f"{name}: {why}", field=name)
 
-        need(self.soft_label_format in SOFT_LABEL_FORMATS, "soft_label_format", f"one of {SOFT_LABEL_FORMATS}")
+        formats = SOFT_LABEL_FORMATS
+        need(self.soft_label_format in formats, "soft_label_format", f"one of {formats}")
         need(self.topk >= 1, "topk", "must be >= 1")
         need(self.shard_size >= 1, "shard_size", "must be >= 1")
-        need(self.temperature == "auto" or _positive(self.temperature), "temperature", "'auto' or a number > 0")
+        auto_or_positive = self.temperature == "auto" or _positive(self.temperature)
+        need(auto_or_positive, "temperature", "'auto' or a number > 0")
         need(self.alpha == "auto" or _unit(self.alpha), "alpha", "'auto' or a number in [0, 1]")
         need(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         need(self.epochs >= 1, "epochs", "must be >= 1")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 class DistillError(Exception):
-    """Base class: something about the job's inputs or settings is wrong; `code` is stable, `message` actionable."""
+    """Base class: something about the job's inputs or settings is wrong.
+    `code` is stable, `message` actionable."""
 
     code = "distill_error"
 

@@ -28,6 +28,7 @@ from worker.distill.errors import DistillError
 from worker.distill.evaluate import build_report, bytes_on_disk, count_parameters, cpu_latency_ms, predict
 from worker.distill.export import FILENAMES, export_student, exportable, write_model_card
 from worker.distill.softlabels import read_manifest, sha256_file, soft_label_stage
+from worker.distill.summary import headline
 from worker.distill.train import TensorData, train
 from worker.distill.workfolder import (
     Loaded,
@@ -349,17 +350,7 @@ def export(work: Path, config: DistillConfig) -> list[Path]:
             "formats": config.export_formats,
             "files": report["student"]["files"],
             "student": metadata,
-            "metrics": {
-                "teacher_accuracy": report["teacher"]["accuracy"],
-                "student_accuracy": report["student"]["accuracy"],
-                "baseline_accuracy": (report["baseline"] or {}).get("accuracy"),
-                "agreement": report["student"]["agreement"],
-                "kd_gain_points": report["kd_gain_points"],
-                "speedup": report["speedup"],
-                "compression": report["compression"],
-                "evaluated_on": report["evaluated_on"],
-                "hyperparameters": hp,
-            },
+            "metrics": {**headline(report), "hyperparameters": hp},
         },
     )
     return [*files, card_path, report_path]

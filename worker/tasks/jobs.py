@@ -10,6 +10,7 @@ and the stage resumes from what the work folder or the object store already hold
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,11 +30,14 @@ from app.storage import keys
 from app.storage.exceptions import ObjectNotFound, StorageUnavailable
 from worker.celery_app import celery_app
 from worker.distill.errors import DistillError
+from worker.distill.summary import headline
 from worker.supervisor import StageCrashed, StageError, StageStopped, Step, run_steps
 from worker.tasks import inputs, partial, steps
 from worker.tasks.context import WorkerContext, get_context
 from worker.tasks.watch import StageWatch, shutting_down
 from worker.tasks.workspace import WorkMirror, clear
+
+MAX_REPORT_BYTES = 4 << 20
 
 log = logging.getLogger(__name__)
 RETRY_BACKOFF_S = (5, 30, 120)
@@ -201,8 +205,20 @@ def _publish_and_succeed(ctx: WorkerContext, claim: Claim) -> None:
     ]
     with session_scope(ctx.db) as session:
         _record(session, claim, uploaded)
-        if service.finish_job(session, claim.job_id):
+        if service.finish_job(session, claim.job_id, _final_metrics(out / "report.json")):
             on_commit(session, lambda: clear(ctx.work_dir(claim.job_id)))
+
+
+def _final_metrics(report_path: Path) -> dict[str, Any] | None:
+    """The report's headline (student, teacher and baseline accuracy, KD gain, T and alpha) for the job row.
+    The report comes from the sandboxed child: read with a size cap, and a bad one only costs the headline."""
+    try:
+        if report_path.stat().st_size > MAX_REPORT_BYTES:
+            return None
+        return headline(json.loads(report_path.read_bytes()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.warning("job report %s unreadable; the job keeps its last metrics", report_path)
+        return None
 
 
 def _upload(ctx: WorkerContext, claim: Claim, name: str, path: Path) -> tuple[str, str, int, str]:
