@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     # Authenticated keys are remembered this long per process; a revoked key stops working within it.
     key_cache_ttl_s: float = Field(default=30.0, ge=0)
     worker_lease_s: int = Field(default=120, ge=5)
+    # How long a stage that finished while PostgreSQL was away waits for it before its attempt is retried.
+    worker_db_wait_s: float = Field(default=120.0, ge=0)
     max_attempts: int = Field(default=3, ge=1)
     # The reaper (worker/reaper.py): how often each worker looks for expired leases, and how long a queued
     # or released job may sit untouched before its message counts as lost and is sent again.

@@ -13,8 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -142,3 +145,11 @@ def session_scope(db: Database) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """The database is unreachable or went away mid-use (not a bad query): the API answers 503 for it, a
+    running stage waits it out."""
+    return isinstance(exc, (OperationalError, PoolTimeoutError, psycopg.OperationalError)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )

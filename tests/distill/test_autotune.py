@@ -108,3 +108,22 @@ def test_search_cost_stays_within_its_budget_and_works_without_a_validation_spli
     cost = chosen["trial_rows"] * chosen["trial_epochs"] * len(chosen["trials"])
     assert cost <= 1.5 * budget * n
     assert chosen["metric"] == "val_acc"  # judged on a holdout carved from train
+
+
+def test_a_stop_during_the_search_ends_it_at_once():
+    """A cancel or a timeout while T/alpha are being searched stops the trial under way (no grace-time kill)."""
+    import pytest
+
+    from worker.distill.train import Stopped
+
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return True
+
+    with pytest.raises(Stopped):
+        choose_hyperparameters(
+            _student, _data(400, 1), _data(100, 2), "hinton", _config(), budget_epochs=8, stop=stop
+        )
+    assert len(asked) == 1  # the first trial asked after its first epoch, and nothing ran after

@@ -112,6 +112,9 @@ class Stack:
     redis: RedisServer
     http: TestClient
     workers: list[subprocess.Popen] = field(default_factory=list)
+    # Where workers reach PostgreSQL, when not where the API does (e.g. through a proxy the test cuts).
+    worker_database_url: str | None = None
+    extra_worker_env: dict[str, str] = field(default_factory=dict)
 
     def worker_env(self, name: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_")}
@@ -130,6 +133,9 @@ class Stack:
             DISTILL_MIRROR_INTERVAL_S="0.2",
             DISTILL_MAX_ATTEMPTS="3",
         )
+        if self.worker_database_url:
+            env["DISTILL_DATABASE_URL"] = self.worker_database_url
+        env.update(self.extra_worker_env)
         return env
 
     def start_worker(self, name: str) -> subprocess.Popen:

@@ -58,3 +58,27 @@ def test_a_redis_restart_mid_distill_still_ends_in_one_success(tmp_path, inputs)
         events = s.events(job_id)
         assert len([e for e in events if e["kind"] == "status" and e["data"].get("to") == "succeeded"]) == 1
         assert [e["kind"] for e in events] == kinds
+
+
+def test_a_job_submitted_while_redis_is_down_is_accepted_and_runs_once_it_is_back(tmp_path, inputs):  # noqa: F811
+    """The row is committed before the enqueue; a broker that is down makes the enqueue fail after commit,
+    which the API logs and answers 201 for (the job exists). The reaper re-sends a queued job nobody took."""
+    with stack(tmp_path) as s:
+        teacher, dataset = upload(s.http, "teacher", inputs[0]), upload(s.http, "dataset", inputs[1])
+        s.redis.stop()
+        started = time.monotonic()
+        job_id = submit(s.http, teacher, dataset, {**CONFIG, "epochs": 2})  # asserts 201
+        assert time.monotonic() - started < 10, "the broker outage must not hang the request"
+        assert s.job(job_id)["status"] == "queued"
+
+        s.redis.start()  # empty: the message never reached it
+        assert redis.Redis.from_url(s.redis.url).dbsize() == 0
+        s.start_worker("worker-a")  # its reaper re-sends the stale queued job (stale after 4 s here)
+        job = s.wait_finished(job_id, 60)
+        assert job["status"] == "succeeded", (job, s.log("worker-a")[-3000:])
+        time.sleep(2)  # a second run, if the re-send and a late original both arrived, would show by now
+        events = s.events(job_id)
+        statuses = [e["data"]["to"] for e in events if e["kind"] == "status"]
+        assert statuses == ["queued", "soft_labeling", "distilling", "evaluating", "exporting", "succeeded"]
+        kinds = [e["kind"] for e in events]
+        assert "worker_lost" not in kinds and "attempt_failed" not in kinds, kinds

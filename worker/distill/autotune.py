@@ -43,12 +43,15 @@ def choose_hyperparameters(
     budget_epochs: int,
     max_cost: float = 1.25,
     device: str | torch.device | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """-> {"temperature", "alpha", "why", "trials": [...], "metric"}; values fixed in `config` pass through.
 
     student_factory: builds a fresh, untrained student (called once per trial, under the same seed).
     budget_epochs: the epochs of the run being tuned; each trial runs max(1, budget_epochs // 4).
     max_cost: the whole search costs at most this many times a full run of budget_epochs epochs.
+    stop: handed to every trial's train(): True raises `train.Stopped` (a cancel or a timeout during the
+    search stops it within seconds; trials keep no checkpoint, a resumed stage searches again).
     """
     METHODS.get(method)  # an unknown method fails here, with the list of known ones
     auto_t, auto_a = config.temperature == "auto", config.alpha == "auto"
@@ -104,8 +107,9 @@ def choose_hyperparameters(
         trial_config = dataclasses.replace(config, temperature=t, alpha=a)
         started = time.perf_counter()
         result = train(
-            student, trial_train, trial_val, method, trial_config, epochs=trial_epochs, device=device
-        )
+            student, trial_train, trial_val, method, trial_config,
+            epochs=trial_epochs, device=device, stop=stop,
+        )  # fmt: skip
         metric = result.metric
         best = result.history[result.best_epoch - 1]
         trials.append(

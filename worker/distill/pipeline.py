@@ -112,6 +112,7 @@ def _choose(
     loaded: Loaded,
     config: DistillConfig,
     on_progress: Progress | None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Temperature and alpha: as given, or from autotune's short runs when either is "auto"."""
     if config.temperature != "auto" and config.alpha != "auto":
@@ -126,7 +127,7 @@ def _choose(
     _emit(on_progress, "distill", 0.0, None, phase="autotune")
     chosen = choose_hyperparameters(
         lambda: new_student(loaded, config), train_data, val_data, config.method, config,
-        budget_epochs=config.epochs,
+        budget_epochs=config.epochs, stop=stop,
     )  # fmt: skip
     return {"source": "auto", **chosen}
 
@@ -167,7 +168,7 @@ def distill(
     total = config.epochs + finetune + baseline
 
     if "hyperparameters" not in state:
-        state["hyperparameters"] = _choose(train_data, val_data, loaded, config, on_progress)
+        state["hyperparameters"] = _choose(train_data, val_data, loaded, config, on_progress, stop)
         write_json(ckpt / STATE, state)
     hp = state["hyperparameters"]
     resolved = dataclasses.replace(config, temperature=hp["temperature"], alpha=hp["alpha"])

@@ -146,7 +146,7 @@ def run_claimed(
         inputs.download(claim.files, work)
         mirror.pull()
         run_steps(stage_steps, work, claim.config, on_message=watch.on_message, should_stop=watch.should_stop)
-        watch.flush()
+        watch.settle(ctx.settings.worker_db_wait_s)
         with watch.heartbeat():
             watch.drain()
             mirror.push()

@@ -3,6 +3,11 @@
 Progress goes to the job row at most about once a second, but a new epoch or a stage change is written at
 once (the service turns a new epoch into an `epoch` event). The lease is renewed as a heartbeat; the row's
 status is read about once a second so a cancel reaches the child within seconds.
+
+The database being away (a restart, a failover, a network cut) does not stop the child: writes queue up in
+order (epoch records, stage changes, the latest progress) and go out once it answers; until then the stage
+computes on. When it is back, the first lease renewal says whether this worker still owns the job (the
+reaper may have handed it on if the outage outlasted the lease), and the stage stops if not.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from app.db import session_scope
+from sqlalchemy.orm import Session
+
+from app.db import database_unavailable, session_scope
 from app.db.base import utcnow
 from app.jobs import service
 from app.jobs.state import PIPELINE
@@ -36,6 +43,9 @@ STEP_STATUS = {
 # Set when the worker is asked to shut down (SIGTERM): running stages stop and hand their job back.
 shutting_down = threading.Event()
 
+T = TypeVar("T")
+_AWAY = object()  # what `_db` returns while the database is unreachable
+
 
 class StageWatch:
     def __init__(
@@ -43,7 +53,10 @@ class StageWatch:
     ) -> None:
         self.ctx, self.job_id, self.status, self.mirror = ctx, job_id, status, mirror
         self.lost: str | None = None  # why this worker no longer owns the job
-        self._pending: dict[str, Any] | None = None
+        # Unwritten, in order: ("enter", status) and ("progress", event, starts_epoch); a progress event
+        # replaces the one before it unless that one starts an epoch (its record is kept).
+        self._queue: list[tuple[Any, ...]] = []
+        self._db_away_since: float | None = None
         self._last_write = 0.0
         self._last_epoch: tuple[str, int | None] | None = None
         self._next_renew = time.monotonic() + ctx.settings.worker_lease_s / 4
@@ -52,13 +65,16 @@ class StageWatch:
 
     def on_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "stage":
+            self._queue.append(("enter", STEP_STATUS.get(msg["name"], self.status)))
             self.flush()
-            self._enter(STEP_STATUS.get(msg["name"], self.status))
         elif msg["type"] == "progress":
             event = msg["event"]
             epoch_key = (str(event.get("stage")), event.get("epoch"))
             new_epoch = event.get("epoch") is not None and epoch_key != self._last_epoch
-            self._pending = event
+            if self._queue and self._queue[-1][0] == "progress" and not self._queue[-1][2]:
+                self._queue[-1] = ("progress", event, new_epoch)
+            else:
+                self._queue.append(("progress", event, new_epoch))
             if new_epoch or time.monotonic() - self._last_write >= PROGRESS_INTERVAL_S:
                 self.flush()
             if new_epoch:
@@ -116,58 +132,117 @@ class StageWatch:
         if self._pusher is not None:
             self._pusher.join()
 
-    def _enter(self, new: str) -> None:
+    def _db(self, fn: Callable[[Session], T]) -> T | object:
+        """`fn` in one transaction, or `_AWAY` when the database cannot be reached (logged once an outage)."""
+        try:
+            with session_scope(self.ctx.db) as session:
+                result = fn(session)
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            if self._db_away_since is None:
+                self._db_away_since = time.monotonic()
+                log.warning(
+                    "job %s: database unreachable, the stage runs on and its writes wait: %s",
+                    self.job_id,
+                    exc,
+                )
+            return _AWAY
+        if self._db_away_since is not None:
+            away = time.monotonic() - self._db_away_since
+            log.warning("job %s: database back after %.1f s; writing what waited", self.job_id, away)
+            self._db_away_since = None
+        return result
+
+    def flush(self) -> None:
+        """Write what is queued, in order; stop at the first write the database is not there for."""
+        while self._queue and not self.lost:
+            item = self._queue[0]
+            if item[0] == "enter":
+                done = self._enter(item[1])
+            else:
+                done = self._record(item[1])
+            if not done:
+                return
+            self._queue.pop(0)
+        self._queue.clear()  # lost: nothing of this worker's is written any more
+
+    def settle(self, wait_s: float) -> None:
+        """After the child: write everything still queued, waiting out a database outage for up to `wait_s`
+        (the outputs are on the scratch disk; the success path that follows needs the database anyway)."""
+        deadline, delay = time.monotonic() + wait_s, 0.25
+        self.flush()
+        while self._queue and not self.lost and time.monotonic() < deadline:
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(2 * delay, 5.0)
+            self.flush()
+
+    def _enter(self, new: str) -> bool:
         # Only forward: a resumed task re-runs earlier steps (they find their work done) under a later status.
-        if self.lost or PIPELINE.index(new) <= PIPELINE.index(self.status):
-            return
-        with session_scope(self.ctx.db) as session:
-            job = service.claim_stage(
-                session,
-                self.job_id,
-                self.status,
-                new,
-                self.ctx.worker_id,
-                lease_s=self.ctx.settings.worker_lease_s,
+        if PIPELINE.index(new) <= PIPELINE.index(self.status):
+            return True
+        old = self.status
+        lease_s = self.ctx.settings.worker_lease_s
+        job = self._db(
+            lambda session: service.claim_stage(
+                session, self.job_id, old, new, self.ctx.worker_id, lease_s=lease_s
             )
+        )
+        if job is _AWAY:
+            return False
         if job is None:
             self.lost = "moved"
         else:
             self.status = new
+        return True
 
-    def flush(self) -> None:
-        event, self._pending = self._pending, None
-        if event is None or self.lost:
-            return
+    def _record(self, event: dict[str, Any]) -> bool:
         metrics = event.get("metrics") or {}
         metrics = {"stage": event.get("stage"), **metrics} if event.get("stage") else metrics
-        with session_scope(self.ctx.db) as session:
-            running = service.record_progress(
-                session, self.job_id, float(event.get("progress") or 0.0), event.get("epoch"), metrics
-            )
+        progress, epoch = float(event.get("progress") or 0.0), event.get("epoch")
+        running = self._db(
+            lambda session: service.record_progress(session, self.job_id, progress, epoch, metrics)
+        )
+        if running is _AWAY:
+            return False
         self._last_write = time.monotonic()
         if not running:
             self.lost = "moved"
+        return True
 
     def should_stop(self) -> str | None:
         """A reason to stop the child now ("cancelled", "lease_lost", "shutdown", "timeout"), or None."""
         if shutting_down.is_set():
             return "shutdown"
-        with session_scope(self.ctx.db) as session:
-            job = service.get_job_for_worker(session, self.job_id)
-            status = None if job is None else job.status
-            if status == self.status and time.monotonic() >= self._next_renew:
-                if not service.renew_lease(
-                    session, self.job_id, self.ctx.worker_id, lease_s=self.ctx.settings.worker_lease_s
-                ):
-                    return "lease_lost"
-                self._next_renew = time.monotonic() + self.ctx.settings.worker_lease_s / 4
+        if self._queue and self._db_away_since is not None:
+            self.flush()  # the outage may be over: what waited goes out first
+        row = self._db(self._check)
+        if row is _AWAY:
+            return None  # computing on; the first renewal after the outage decides
+        status, soft_labeling_at, max_runtime_s, renewed = row  # type: ignore[misc]
+        if renewed is False:
+            return "lease_lost"
         if status == "cancelled":
             return "cancelled"
         if status != self.status or self.lost:
             return "lease_lost"
-        if job is not None and past_deadline(job.max_runtime_s, job.soft_labeling_at):
+        if status is not None and past_deadline(max_runtime_s, soft_labeling_at):
             return "timeout"
         return None
+
+    def _check(self, session: Session) -> tuple[str | None, datetime | None, int | None, bool | None]:
+        """The row's status (and deadline inputs); renews the lease when it is due."""
+        job = service.get_job_for_worker(session, self.job_id)
+        if job is None:
+            return None, None, None, None
+        renewed = None
+        if job.status == self.status and time.monotonic() >= self._next_renew:
+            renewed = service.renew_lease(
+                session, self.job_id, self.ctx.worker_id, lease_s=self.ctx.settings.worker_lease_s
+            )
+            if renewed:
+                self._next_renew = time.monotonic() + self.ctx.settings.worker_lease_s / 4
+        return job.status, job.soft_labeling_at, job.max_runtime_s, renewed
 
 
 def past_deadline(max_runtime_s: int | None, started_at: datetime | None) -> bool:
