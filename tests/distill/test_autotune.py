@@ -42,8 +42,8 @@ def test_auto_grid_includes_plain_cross_entropy_and_picks_the_best_trial():
         _student, _data(300, 1), _data(100, 2), "hinton", _config(), budget_epochs=8
     )
     trials = chosen["trials"]
-    # All rows labelled: alpha = 0 is the same run at any T, so it is tried once; 2 x 3 distillation runs.
-    assert [t["alpha"] for t in trials].count(0.0) == 1 and len(trials) == 7
+    # All rows labelled: alpha = 0 is the same run at any T, so it is tried once; 3 x 3 distillation runs.
+    assert [t["alpha"] for t in trials].count(0.0) == 1 and len(trials) == 10
     best = max(t["score"] for t in trials)
     pick = next(
         t for t in trials if (t["temperature"], t["alpha"]) == (chosen["temperature"], chosen["alpha"])
@@ -65,8 +65,8 @@ def test_unlabelled_rows_keep_every_temperature_in_the_plain_trials():
     chosen = choose_hyperparameters(
         _student, _data(200, 1, unlabelled=150), _data(60, 2), "dkd", _config(), budget_epochs=4
     )
-    # alpha = 0 still distils the 150 unlabelled rows, so T matters there: the full 3 x 3 grid runs.
-    assert len(chosen["trials"]) == 9
+    # alpha = 0 still distils the 150 unlabelled rows, so T matters there: the full 3 x 4 grid runs.
+    assert len(chosen["trials"]) == 12
     assert {t["temperature"] for t in chosen["trials"] if t["alpha"] == 0.0} == {1.0, 2.0, 4.0}
 
 
@@ -96,11 +96,11 @@ def test_only_the_auto_setting_is_searched():
         _student, _data(200, 1), _data(60, 2), "hinton", _config(temperature=2.0), budget_epochs=4
     )
     assert chosen["temperature"] == 2.0 and {t["temperature"] for t in chosen["trials"]} == {2.0}
-    assert sorted(t["alpha"] for t in chosen["trials"]) == [0.0, 0.5, 0.9]
+    assert sorted(t["alpha"] for t in chosen["trials"]) == [0.0, 0.5, 0.9, 1.0]
 
 
 def test_search_cost_stays_within_its_budget_and_works_without_a_validation_split():
-    n, budget = 3000, 4
+    n, budget = 15_000, 4  # 60,000 row-passes: past the small-run exception
     chosen = choose_hyperparameters(
         _student, _data(n, 1), None, "hinton", _config(batch_size=256), budget_epochs=budget, max_cost=1.5
     )
@@ -111,7 +111,7 @@ def test_search_cost_stays_within_its_budget_and_works_without_a_validation_spli
 
 
 def test_a_stop_during_the_search_ends_it_at_once():
-    """A cancel or a timeout while T/alpha are being searched stops the trial under way (no grace-time kill)."""
+    """A cancel or timeout while T/alpha are being searched stops the trial under way (no grace-time kill)."""
     import pytest
 
     from worker.distill.train import Stopped
@@ -127,3 +127,11 @@ def test_a_stop_during_the_search_ends_it_at_once():
             _student, _data(400, 1), _data(100, 2), "hinton", _config(), budget_epochs=8, stop=stop
         )
     assert len(asked) == 1  # the first trial asked after its first epoch, and nothing ran after
+
+
+def test_a_small_training_set_gets_full_length_trials_on_every_row():
+    chosen = choose_hyperparameters(
+        _student, _data(300, 1), _data(100, 2), "hinton", _config(), budget_epochs=8
+    )  # 2,400 row-passes: a full run costs little, and a quarter of one is too short to rank the grid
+    assert (chosen["trial_epochs"], chosen["trial_rows"]) == (8, 300)
+    assert "8 epoch(s) on 300 of 300 training rows" in chosen["why"]
