@@ -6,6 +6,10 @@ connection sends everything waiting as one pipeline (one write, one read, one wa
 backend) instead of one round trip each. On this kind of machine a round trip's syscalls and wake-ups cost
 several times the query itself. Every query is still sent after its caller asked: nothing is cached.
 
+A `Lookup` goes further: the callers waiting on the same keyed statement (the polled job read) are answered
+by one statement over arrays of their keys (`unnest ... WITH ORDINALITY`), one result set instead of a
+pipeline of N statements, whose per-statement client work was the largest cost left on that path.
+
 Writes and everything else go through SQLAlchemy sessions (`app.db.session`). Connections belong to the
 event loop that opened them; the pool is created lazily inside each worker process's loop.
 """
@@ -13,6 +17,7 @@ event loop that opened them; the pool is created lazily inside each worker proce
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -21,7 +26,18 @@ from sqlalchemy.engine import make_url
 
 MAX_PIPELINE = 64
 
-_Waiting = tuple[str, dict[str, Any], "asyncio.Future[Any]"]
+
+@dataclass(frozen=True)
+class Lookup:
+    """A statement that answers many single-row lookups at once. `sql` takes one array parameter per key
+    part, named in `params` in key order, and returns an `ord` column: the 1-based position of the key a row
+    answers (`unnest(%(a)s::text[], ...) WITH ORDINALITY AS q(..., ord)`). A key without a row gets None."""
+
+    sql: str
+    params: tuple[str, ...]
+
+
+_Waiting = tuple["str | Lookup", Any, "asyncio.Future[Any]"]  # (sql, params) or (lookup, key)
 
 
 def libpq_dsn(sqlalchemy_url: str) -> str:
@@ -38,8 +54,15 @@ class AsyncReadPool:
         self._waiting: list[_Waiting] = []
 
     async def fetchone(self, sql: str, params: dict[str, Any]) -> Any:
+        return await self._wait((sql, params))
+
+    async def lookup(self, lookup: Lookup, key: tuple[Any, ...]) -> Any:
+        """The row `lookup` returns for `key`, or None."""
+        return await self._wait((lookup, key))
+
+    async def _wait(self, query: tuple[Any, Any]) -> Any:
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append((sql, params, future))
+        self._waiting.append((*query, future))
         if self._busy < self.size:
             self._busy += 1
             asyncio.get_running_loop().create_task(self._drain())
@@ -67,6 +90,42 @@ class AsyncReadPool:
                 self._idle.append(conn)
 
     async def _send(self, conn: psycopg.AsyncConnection[Any], batch: list[_Waiting]) -> None:
+        lookups: dict[Lookup, list[_Waiting]] = {}
+        for item in batch:
+            if isinstance(item[0], Lookup):
+                lookups.setdefault(item[0], []).append(item)
+        for lookup, items in lookups.items():
+            await self._send_lookup(conn, lookup, items)
+        plain = [item for item in batch if not isinstance(item[0], Lookup)]
+        if plain:
+            await self._send_pipeline(conn, plain)
+
+    async def _send_lookup(
+        self, conn: psycopg.AsyncConnection[Any], lookup: Lookup, items: list[_Waiting]
+    ) -> None:
+        params = {name: [item[1][i] for item in items] for i, name in enumerate(lookup.params)}
+        try:
+            cursor = conn.cursor(row_factory=namedtuple_row)
+            await cursor.execute(lookup.sql, params, prepare=True)
+            rows = await cursor.fetchall()
+        except psycopg.Error as exc:
+            if conn.closed or len(items) == 1:
+                _fail(items, exc)
+                if conn.closed:
+                    raise
+                return
+            for item in items:  # one bad key (autocommit: the connection is fine): only its caller fails
+                await self._send_lookup(conn, lookup, [item])
+            return
+        except BaseException as exc:
+            _fail(items, exc)
+            raise
+        by_position = {row.ord: row for row in rows}
+        for position, (_, _, future) in enumerate(items, 1):
+            if not future.done():
+                future.set_result(by_position.get(position))
+
+    async def _send_pipeline(self, conn: psycopg.AsyncConnection[Any], batch: list[_Waiting]) -> None:
         try:
             cursors = [conn.cursor(row_factory=namedtuple_row) for _ in batch]
             async with conn.pipeline():
@@ -82,7 +141,7 @@ class AsyncReadPool:
                 return
             # An error aborts the rest of a pipeline: rerun the queries one by one, so only the bad one fails.
             for item in batch:
-                await self._send(conn, [item])
+                await self._send_pipeline(conn, [item])
             return
         except BaseException as exc:
             _fail(batch, exc)

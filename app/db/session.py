@@ -21,7 +21,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.db.aio import AsyncReadPool, libpq_dsn
+from app.db.aio import AsyncReadPool, Lookup, libpq_dsn
 
 log = logging.getLogger(__name__)
 _HOOKS = "after_commit"
@@ -80,11 +80,18 @@ class Database:
 
     async def read_one(self, sql: str, params: dict[str, Any]) -> Any:
         """One row from a psycopg-syntax query on the async read pool (PostgreSQL only)."""
+        return await self._pool().fetchone(sql, params)
+
+    async def lookup(self, lookup: Lookup, key: tuple[Any, ...]) -> Any:
+        """The row `lookup` answers for `key` (or None), batched with concurrent callers (PostgreSQL only)."""
+        return await self._pool().lookup(lookup, key)
+
+    def _pool(self) -> AsyncReadPool:
         loop = asyncio.get_running_loop()
         if self._read_pool is None or self._read_pool_loop is not loop:
             self._read_pool = AsyncReadPool(libpq_dsn(self._url), self._read_pool_size)
             self._read_pool_loop = loop
-        return await self._read_pool.fetchone(sql, params)
+        return self._read_pool
 
     async def close_async(self) -> None:
         if self._read_pool is not None:

@@ -4,10 +4,24 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, Text, bindparam, case, cast, func, literal_column, null, select, update
+from sqlalchemy import (
+    ARRAY,
+    Row,
+    Text,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal_column,
+    null,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.orm import Session
 
+from app.db.aio import Lookup
 from app.db.session import Database
 from app.jobs.models import Artifact, Job, JobEvent
 from app.jobs.schemas import JobOut
@@ -104,15 +118,21 @@ _JSON_FIELDS: dict[str, Any] = {
     ),
 }
 assert list(_JSON_FIELDS) == list(JobOut.model_fields), "the SQL view must follow JobOut"
-_VIEW_JSON = select(cast(func.json_build_object(*_pairs(_JSON_FIELDS)), Text).label("body")).where(
-    _C.id == bindparam("job_id"), _C.tenant_id == bindparam("tenant_id")
+# Keyed by (job id, tenant id): concurrent polls are answered by one statement over arrays of their keys.
+_KEYS = (
+    func.unnest(bindparam("job_ids", type_=ARRAY(Text)), bindparam("tenant_ids", type_=ARRAY(Text)))
+    .table_valued("job_id", "tenant_id", with_ordinality="ord")
+    .render_derived(name="q")
 )
-_VIEW_JSON_SQL_PSYCOPG = str(_VIEW_JSON.compile(dialect=psycopg_dialect()))
+_VIEW_JSON = select(
+    _KEYS.c.ord, cast(func.json_build_object(*_pairs(_JSON_FIELDS)), Text).label("body")
+).join_from(_KEYS, _JOBS, and_(_C.id == _KEYS.c.job_id, _C.tenant_id == _KEYS.c.tenant_id))
+_VIEW_JSON_LOOKUP = Lookup(str(_VIEW_JSON.compile(dialect=psycopg_dialect())), ("job_ids", "tenant_ids"))
 
 
 async def get_json_for_tenant_async(db: Database, tenant_id: str, job_id: str) -> str | None:
     """`JobOut` as JSON text, on the async read pool (PostgreSQL), as a server-side prepared statement."""
-    row = await db.read_one(_VIEW_JSON_SQL_PSYCOPG, {"job_id": job_id, "tenant_id": tenant_id})
+    row = await db.lookup(_VIEW_JSON_LOOKUP, (job_id, tenant_id))
     return None if row is None else row.body
 
 

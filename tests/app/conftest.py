@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.db import migrate
+from app.db.aio import Lookup
 from app.db.session import Database, session_scope
 from app.files.models import File
 from app.jobs.models import Job
@@ -84,6 +85,7 @@ def db(engine: Engine, connection: Connection) -> Database:
         bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
     )
     database.read_one = partial(read_one_in_test_transaction, connection)  # type: ignore[method-assign]
+    database.lookup = partial(lookup_in_test_transaction, connection)  # type: ignore[method-assign]
     return database
 
 
@@ -96,6 +98,12 @@ async def read_one_in_test_transaction(connection: Connection, sql: str, params:
         return cursor.execute(sql, params, prepare=True).fetchone()
 
     return await run_in_threadpool(fetch)
+
+
+async def lookup_in_test_transaction(connection: Connection, lookup: Lookup, key: tuple[Any, ...]) -> Any:
+    """`Database.lookup` for one key, on the test's connection (see above)."""
+    params = {name: [part] for name, part in zip(lookup.params, key, strict=True)}
+    return await read_one_in_test_transaction(connection, lookup.sql, params)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import asyncio
 
 import psycopg
 
-from app.db.aio import AsyncReadPool, libpq_dsn
+from app.db.aio import AsyncReadPool, Lookup, libpq_dsn
 from app.jobs.router import poll_job
 from app.main import create_app
 from tests.app.test_auth_and_errors import closed_port
@@ -58,3 +58,37 @@ def test_the_poll_route_matches_first_and_get_job_stays_documented() -> None:
     first = app.router.routes[0]
     assert first.endpoint is poll_job and "GET" in first.methods  # type: ignore[attr-defined]
     assert "get" in app.openapi()["paths"]["/v1/jobs/{job_id}"]
+
+
+def test_concurrent_lookups_are_one_statement_and_each_caller_gets_its_own_row_or_none(pg_url: str) -> None:
+    """The polled read's shape: one statement over arrays of keys (`unnest ... WITH ORDINALITY`)."""
+    lookup = Lookup(
+        "SELECT q.ord, q.a || '/' || q.b AS ab FROM unnest(%(as)s::text[], %(bs)s::text[]) "
+        "WITH ORDINALITY AS q(a, b, ord) WHERE q.a <> 'missing'",
+        ("as", "bs"),
+    )
+    keys = [(f"a{n}", f"b{n}") for n in range(30)] + [("missing", "x"), ("bad\x00key", "x"), ("a1", "b1")]
+
+    async def main() -> tuple[list[object], list[int]]:
+        pool = AsyncReadPool(libpq_dsn(pg_url), 1)
+        try:
+            statements: list[int] = []
+            real_send = pool._send_lookup
+
+            async def counting(conn, lk, items):  # type: ignore[no-untyped-def]
+                statements.append(len(items))
+                await real_send(conn, lk, items)
+
+            pool._send_lookup = counting  # type: ignore[method-assign]
+            results = await asyncio.gather(*(pool.lookup(lookup, k) for k in keys), return_exceptions=True)
+            return results, statements
+        finally:
+            await pool.close()
+
+    results, statements = asyncio.run(main())
+    assert [r.ab for r in results[:30]] == [f"a{n}/b{n}" for n in range(30)]  # type: ignore[union-attr]
+    assert results[30] is None  # no row for this key
+    assert isinstance(results[31], psycopg.DataError)  # text cannot hold NUL: only this caller fails
+    assert results[32].ab == "a1/b1"  # type: ignore[union-attr]
+    # One statement carried every waiting key; the bad key made it fail, so each key was retried alone.
+    assert statements == [len(keys)] + [1] * len(keys)
