@@ -84,3 +84,47 @@ def test_cancel_stops_a_running_stage_within_seconds(service, submit_job):
     names = {a["name"] for a in service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
     assert names == {"soft_labels_manifest.json"}  # no student from a cancelled run
     assert not service.ctx.work_dir(job_id).exists()
+
+
+def test_cancel_stops_a_running_soft_label_stage_within_seconds(service, tmp_path):
+    """The other long stage: the teacher mid-way through its shards (a deliberately slow TorchScript one)."""
+    import numpy as np
+    import torch
+
+    from tests.worker.conftest import submit
+
+    class SlowTeacher(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = torch.nn.Linear(8, 256)
+            self.w = torch.nn.Parameter(torch.randn(256, 256) / 16)
+            self.head = torch.nn.Linear(256, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            for _ in range(2000):  # tens of milliseconds a shard of 10 rows: 120 shards take seconds
+                h = torch.tanh(h @ self.w)
+            return self.head(h)
+
+    torch.jit.save(torch.jit.script(SlowTeacher().eval()), tmp_path / "slow.pt")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1200, 8)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x, y=rng.integers(0, 3, 1200).astype(np.int64))
+    job_id = submit(service.http, tmp_path / "slow.pt", tmp_path / "data.npz", shard_size=10)
+
+    thread = run_in_thread(run_soft_label, service.ctx, job_id)
+    child = stage_child()
+    deadline = time.monotonic() + 60
+    while not 0 < service.http.get(f"/v1/jobs/{job_id}").json()["progress"] < 0.5:
+        assert time.monotonic() < deadline, "soft labelling never reported progress"
+        time.sleep(0.05)
+    cancelled_at = time.monotonic()
+    assert service.http.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    thread.join(30)
+    assert not thread.is_alive() and not child.is_alive()
+    assert time.monotonic() - cancelled_at < 10
+    job = service.http.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["timestamps"].get("distilling") is None
+    assert service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"] == []
+    assert ("distill.distill", [job_id]) not in service.queued_messages()  # never handed on
+    assert not service.ctx.work_dir(job_id).exists()
