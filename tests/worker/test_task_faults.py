@@ -65,21 +65,27 @@ def test_a_stage_that_dies_every_time_fails_the_job_after_max_attempts(service, 
     assert job["error"]["code"] == "stage_killed" and "attempt 2 of 2" in job["error"]["message"]
 
 
-def test_cancel_stops_a_running_stage_within_seconds(service, submit_job):
-    job_id = submit_job(epochs=2000)
-    run_soft_label(service.ctx, job_id)
-    thread = run_in_thread(run_distill, service.ctx, job_id)
+def cancel_mid_stage(service, task, job_id: str, running, what: str) -> dict:  # type: ignore[no-untyped-def]
+    """Run `task` in a thread; once `running(job)` holds, cancel over HTTP. The stage (thread and child) must
+    stop within 10 s; returns the job as the API then shows it."""
+    thread = run_in_thread(task, service.ctx, job_id)
     child = stage_child()
     deadline = time.monotonic() + 60
-    while (service.http.get(f"/v1/jobs/{job_id}").json()["epoch"] or 0) < 1:
-        assert time.monotonic() < deadline, "training never reported an epoch"
-        time.sleep(0.1)
+    while not running(service.http.get(f"/v1/jobs/{job_id}").json()):
+        assert time.monotonic() < deadline, f"{what} never reported progress"
+        time.sleep(0.05)
     cancelled_at = time.monotonic()
     assert service.http.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
     thread.join(30)
     assert not thread.is_alive() and not child.is_alive()
     assert time.monotonic() - cancelled_at < 10
-    job = service.http.get(f"/v1/jobs/{job_id}").json()
+    return service.http.get(f"/v1/jobs/{job_id}").json()
+
+
+def test_cancel_stops_a_running_stage_within_seconds(service, submit_job):
+    job_id = submit_job(epochs=2000)
+    run_soft_label(service.ctx, job_id)
+    job = cancel_mid_stage(service, run_distill, job_id, lambda j: (j["epoch"] or 0) >= 1, "training")
     assert job["status"] == "cancelled"
     names = {a["name"] for a in service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
     assert names == {"soft_labels_manifest.json"}  # no student from a cancelled run
@@ -111,19 +117,8 @@ def test_cancel_stops_a_running_soft_label_stage_within_seconds(service, tmp_pat
     x = rng.normal(size=(1200, 8)).astype(np.float32)
     np.savez(tmp_path / "data.npz", x=x, y=rng.integers(0, 3, 1200).astype(np.int64))
     job_id = submit(service.http, tmp_path / "slow.pt", tmp_path / "data.npz", shard_size=10)
-
-    thread = run_in_thread(run_soft_label, service.ctx, job_id)
-    child = stage_child()
-    deadline = time.monotonic() + 60
-    while not 0 < service.http.get(f"/v1/jobs/{job_id}").json()["progress"] < 0.5:
-        assert time.monotonic() < deadline, "soft labelling never reported progress"
-        time.sleep(0.05)
-    cancelled_at = time.monotonic()
-    assert service.http.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
-    thread.join(30)
-    assert not thread.is_alive() and not child.is_alive()
-    assert time.monotonic() - cancelled_at < 10
-    job = service.http.get(f"/v1/jobs/{job_id}").json()
+    mid_way = lambda j: 0 < j["progress"] < 0.5  # noqa: E731 - read as "once the job is mid-way"
+    job = cancel_mid_stage(service, run_soft_label, job_id, mid_way, "soft labelling")
     assert job["status"] == "cancelled" and job["timestamps"].get("distilling") is None
     assert service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"] == []
     assert ("distill.distill", [job_id]) not in service.queued_messages()  # never handed on
