@@ -123,3 +123,33 @@ def test_cancel_stops_a_running_soft_label_stage_within_seconds(service, tmp_pat
     assert service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"] == []
     assert ("distill.distill", [job_id]) not in service.queued_messages()  # never handed on
     assert not service.ctx.work_dir(job_id).exists()
+
+
+def test_a_cancel_landing_while_outputs_upload_leaves_no_artifact(service, submit_job, monkeypatch):
+    """The stage is done, its outputs are uploading, and the user cancels: the job stays cancelled and shows
+    no artifact of that stage (recorded only in the transaction that hands the job on or finishes it)."""
+    import worker.tasks.jobs as jobs
+
+    real_upload = jobs._upload
+
+    def cancel_then_upload(ctx, claim, name, path):  # type: ignore[no-untyped-def]
+        service.http.post(f"/v1/jobs/{claim.job_id}/cancel")
+        return real_upload(ctx, claim, name, path)
+
+    job_id = submit_job()
+    monkeypatch.setattr(jobs, "_upload", cancel_then_upload)
+    run_soft_label(service.ctx, job_id)  # the manifest uploads after the cancel
+    assert service.http.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+    assert service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"] == []
+    assert ("distill.distill", [job_id]) not in service.queued_messages()
+    assert not service.ctx.work_dir(job_id).exists()
+
+    other = submit_job()
+    monkeypatch.setattr(jobs, "_upload", real_upload)
+    run_soft_label(service.ctx, other)
+    monkeypatch.setattr(jobs, "_upload", cancel_then_upload)
+    run_distill(service.ctx, other)  # the student uploads after the cancel
+    assert service.http.get(f"/v1/jobs/{other}").json()["status"] == "cancelled"
+    names = {a["name"] for a in service.http.get(f"/v1/jobs/{other}/artifacts").json()["data"]}
+    assert names == {"soft_labels_manifest.json"}  # the earlier stage's, nothing of the cancelled one
+    assert not service.ctx.work_dir(other).exists()

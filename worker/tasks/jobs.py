@@ -189,10 +189,13 @@ def _hand_to_distill(ctx: WorkerContext, claim: Claim) -> None:
     manifest = ctx.work_dir(claim.job_id) / "soft_labels" / "manifest.json"
     uploaded = [_upload(ctx, claim, "soft_labels_manifest.json", manifest)] if manifest.is_file() else []
     with session_scope(ctx.db) as session:
-        _record(session, claim, uploaded)
         # Released, not finished: the job waits (soft_labeling, progress 1) for a worker of the distill queue.
+        # Recorded only with the release, in its transaction: a job cancelled meanwhile gets no artifact.
         if _release(session, claim, ctx.worker_id, {"progress": 1.0}):
+            _record(session, claim, uploaded)
             on_commit(session, lambda: _enqueue(ctx, "distill", claim.job_id))
+        else:
+            _clear_if_over(session, ctx, claim)
 
 
 def _publish_and_succeed(ctx: WorkerContext, claim: Claim) -> None:
@@ -204,9 +207,20 @@ def _publish_and_succeed(ctx: WorkerContext, claim: Claim) -> None:
         if p.is_file() and not p.name.startswith(".")
     ]
     with session_scope(ctx.db) as session:
-        _record(session, claim, uploaded)
+        # Recorded only with the success, in its transaction: a job cancelled meanwhile shows no student.
         if service.finish_job(session, claim.job_id, _final_metrics(out / "report.json")):
+            _record(session, claim, uploaded)
             on_commit(session, lambda: clear(ctx.work_dir(claim.job_id)))
+        else:
+            _clear_if_over(session, ctx, claim)
+
+
+def _clear_if_over(session: Session, ctx: WorkerContext, claim: Claim) -> None:
+    """The job moved on without us (cancelled or failed while the outputs uploaded): drop the scratch copy.
+    The uploaded objects stay unreferenced under the job's prefix (its keys are shared with any other run)."""
+    job = service.get_job_for_worker(session, claim.job_id)
+    if job is None or job.status not in RUNNING:
+        on_commit(session, lambda: clear(ctx.work_dir(claim.job_id)))
 
 
 def _final_metrics(report_path: Path) -> dict[str, Any] | None:
