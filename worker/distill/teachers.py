@@ -173,16 +173,47 @@ class OnnxTeacher(Teacher):
 
 
 class ModuleTeacher(Teacher):
-    """A torch module (TorchScript or a registry architecture with loaded weights)."""
+    """A torch module (TorchScript or a registry architecture with loaded weights).
+
+    On CPU a TorchScript teacher runs frozen and optimized for inference (`torch.jit.freeze` then
+    `torch.jit.optimize_for_inference`: constants folded, conv + batch-norm fused, oneDNN kernels): 3.3x less
+    CPU for the Fashion-MNIST CNN (bench/README.md). The optimized copy is used only if it builds and its
+    logits on the first non-zero batch match the plain module's (within FAST_TOLERANCE); else the plain one.
+    """
+
+    FAST_TOLERANCE = 1e-4
 
     def __init__(self, module: nn.Module, fmt: str, sha256: str, **shape: Any) -> None:
         super().__init__(fmt, sha256, **shape)
         self.module = module.eval()
         self.device = torch.device("cpu")
+        self.fast: torch.jit.ScriptModule | None = None
+        self._fast_decided = False
 
     def logits(self, x: Tensor) -> Tensor:
+        x = x.to(self.device, torch.float32)
         with torch.no_grad():
-            out = self.module(x.to(self.device, torch.float32))
+            if not self._fast_decided and bool(x.any()):  # judged on real rows, not a zero probe
+                self._decide_fast(x)
+            return self._call(self.fast if self.fast is not None else self.module, x)
+
+    def _decide_fast(self, x: Tensor) -> None:
+        self._fast_decided = True
+        if self.device.type != "cpu" or not isinstance(self.module, torch.jit.ScriptModule) or len(x) == 0:
+            return
+        try:
+            fast = torch.jit.optimize_for_inference(torch.jit.freeze(self.module.eval()))
+            got, want = self._call(fast, x), self._call(self.module, x)
+        except Exception:  # noqa: BLE001 - any model freezing cannot handle runs as it is
+            return
+        if got.shape == want.shape and torch.allclose(
+            got, want, rtol=self.FAST_TOLERANCE, atol=self.FAST_TOLERANCE
+        ):
+            self.fast = fast
+
+    @staticmethod
+    def _call(module: nn.Module, x: Tensor) -> Tensor:
+        out = module(x)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
             out = out[0]
         elif isinstance(out, dict) and isinstance(out.get("logits"), Tensor):
@@ -194,6 +225,7 @@ class ModuleTeacher(Teacher):
     def to(self, device: torch.device | str) -> ModuleTeacher:
         self.device = torch.device(device)
         self.module.to(self.device)
+        self.fast, self._fast_decided = None, False  # decided again for the new device
         return self
 
 
