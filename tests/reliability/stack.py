@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
@@ -25,6 +25,9 @@ from app.config import Settings
 from app.db import Database, migrate, session_scope
 from app.main import create_app
 from app.tenants import service as tenants
+
+if TYPE_CHECKING:
+    from tests.reliability.proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN_URL = os.environ.get("DISTILL_E2E_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -114,7 +117,8 @@ class Stack:
     workers: list[subprocess.Popen] = field(default_factory=list)
     # Where workers reach PostgreSQL, when not where the API does (e.g. through a proxy the test cuts).
     worker_database_url: str | None = None
-    extra_worker_env: dict[str, str] = field(default_factory=dict)
+    # Settings for the workers beyond the defaults below (as `Settings` field names), e.g. the S3 backend.
+    worker_settings: dict[str, Any] = field(default_factory=dict)
 
     def worker_env(self, name: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_")}
@@ -135,7 +139,7 @@ class Stack:
         )
         if self.worker_database_url:
             env["DISTILL_DATABASE_URL"] = self.worker_database_url
-        env.update(self.extra_worker_env)
+        env.update({f"DISTILL_{name.upper()}": str(value) for name, value in self.worker_settings.items()})
         return env
 
     def start_worker(self, name: str) -> subprocess.Popen:
@@ -180,20 +184,25 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 
 @contextlib.contextmanager
-def stack(tmp: Path) -> Iterator[Stack]:
+def stack(tmp: Path, **shared: Any) -> Iterator[Stack]:
+    """`shared`: settings for the API and every worker alike (e.g. the S3 backend of `proxied_s3`)."""
     redis = RedisServer(tmp / "redis")
     redis.start()
     try:
         with postgres_database() as url:
             settings = Settings(
-                data_dir=tmp / "api", database_url=url, broker_url=redis.url, storage_path=tmp / "objects"
+                data_dir=tmp / "api",
+                database_url=url,
+                broker_url=redis.url,
+                storage_path=tmp / "objects",
+                **shared,
             )
             db = Database.from_settings(settings)
             with session_scope(db) as session:
                 key = tenants.create_key(session, "acme")
             app = create_app(settings, db=db)
             with TestClient(app, headers={"Authorization": f"Bearer {key}"}) as http:
-                s = Stack(tmp, url, redis, http)
+                s = Stack(tmp, url, redis, http, worker_settings=dict(shared))
                 try:
                     yield s
                 finally:
@@ -202,6 +211,41 @@ def stack(tmp: Path) -> Iterator[Stack]:
             db.dispose()
     finally:
         redis.stop()
+
+
+S3_SETTINGS = {
+    "storage_backend": "s3",
+    "s3_bucket": "distill",
+    "s3_region": "us-east-1",
+    "s3_access_key_id": "test",
+    "s3_secret_access_key": "test",
+}
+
+
+@contextlib.contextmanager
+def proxied_s3() -> Iterator[tuple[dict[str, Any], TcpProxy]]:
+    """An S3 server (moto, in-process) behind a proxy the test can cut; yields the settings that reach it
+    through the proxy (`S3_SETTINGS` plus the endpoint), with the bucket created."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from tests.reliability.proxy import TcpProxy  # it imports this module
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    moto.start()
+    try:
+        with TcpProxy("127.0.0.1", moto._port) as proxy:
+            endpoint = f"http://127.0.0.1:{proxy.port}"
+            boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=S3_SETTINGS["s3_region"],
+                aws_access_key_id=S3_SETTINGS["s3_access_key_id"],
+                aws_secret_access_key=S3_SETTINGS["s3_secret_access_key"],
+            ).create_bucket(Bucket=S3_SETTINGS["s3_bucket"])
+            yield {**S3_SETTINGS, "s3_endpoint_url": endpoint}, proxy
+    finally:
+        moto.stop()
 
 
 def upload(http: TestClient, purpose: str, path: Path) -> str:

@@ -34,7 +34,7 @@ def test_a_postgres_outage_under_a_running_worker_loses_no_write_and_no_attempt(
     with stack(tmp_path) as s, TcpProxy("127.0.0.1", make_url(s.database_url).port or 5432) as proxy:
         proxied = make_url(s.database_url).set(host="127.0.0.1", port=proxy.port)
         s.worker_database_url = proxied.render_as_string(hide_password=False)
-        s.extra_worker_env = {"DISTILL_WORKER_LEASE_S": "30"}  # the outage is shorter than the lease
+        s.worker_settings["worker_lease_s"] = 30  # the outage is shorter than the lease
         teacher, dataset = upload(s.http, "teacher", teacher_path), upload(s.http, "dataset", dataset_path)
         s.start_worker("worker")
         job_id = submit(s.http, teacher, dataset, CONFIG)

@@ -3,98 +3,21 @@ real worker distills: its uploads are retried with back-off and the job still su
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import boto3
 import pytest
 import torch
-from fastapi.testclient import TestClient
-from moto.server import ThreadedMotoServer
 
-from app.config import Settings
-from app.db import Database, session_scope
-from app.main import create_app
-from app.tenants import service as tenants
-from tests.reliability.proxy import TcpProxy
-from tests.reliability.stack import (
-    RedisServer,
-    Stack,
-    free_port,
-    kill_group,
-    postgres_database,
-    submit,
-    upload,
-    wait_until,
-)
+from tests.reliability.stack import proxied_s3, stack, submit, upload, wait_until
 from tests.reliability.test_worker_sigkill import CONFIG, inputs  # noqa: F401  (the module-scoped fixture)
 
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(1)
 OUTAGE_S = 60.0  # the "unavailable for a minute"; the worker's retry budget is 120 s
-S3 = {
-    "s3_bucket": "distill",
-    "s3_region": "us-east-1",
-    "s3_access_key_id": "test",
-    "s3_secret_access_key": "test",
-}
-
-
-class S3Stack(Stack):
-    endpoint: str = ""
-
-    def worker_env(self, name: str) -> dict[str, str]:
-        env = super().worker_env(name)
-        env.update(DISTILL_STORAGE_BACKEND="s3", DISTILL_S3_ENDPOINT_URL=self.endpoint)
-        env.update({f"DISTILL_{k.upper()}": v for k, v in S3.items()})
-        return env
-
-
-@contextlib.contextmanager
-def s3_stack(tmp: Path) -> Iterator[tuple[S3Stack, TcpProxy]]:
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    moto.start()
-    redis = RedisServer(tmp / "redis")
-    redis.start()
-    try:
-        with postgres_database() as url, TcpProxy("127.0.0.1", moto._port) as proxy:
-            endpoint = f"http://127.0.0.1:{proxy.port}"
-            boto3.client(
-                "s3",
-                endpoint_url=endpoint,
-                region_name="us-east-1",
-                aws_access_key_id="test",
-                aws_secret_access_key="test",
-            ).create_bucket(Bucket="distill")
-            settings = Settings(
-                data_dir=tmp / "api",
-                database_url=url,
-                broker_url=redis.url,
-                storage_backend="s3",
-                s3_endpoint_url=endpoint,
-                **S3,
-            )
-            db = Database.from_settings(settings)
-            with session_scope(db) as session:
-                key = tenants.create_key(session, "acme")
-            with TestClient(create_app(settings, db=db), headers={"Authorization": f"Bearer {key}"}) as http:
-                s = S3Stack(tmp, url, redis, http)
-                s.endpoint = endpoint
-                try:
-                    yield s, proxy
-                finally:
-                    for proc in s.workers:
-                        kill_group(proc)
-            db.dispose()
-    finally:
-        redis.stop()
-        moto.stop()
 
 
 def test_uploads_retry_through_a_minute_long_storage_outage_and_the_job_succeeds(tmp_path, inputs):  # noqa: F811
-    with s3_stack(tmp_path) as (s, proxy):
+    with proxied_s3() as (s3, proxy), stack(tmp_path, **s3) as s:
         teacher, dataset = upload(s.http, "teacher", inputs[0]), upload(s.http, "dataset", inputs[1])
         s.start_worker("worker-a")
         job_id = submit(s.http, teacher, dataset, {**CONFIG, "epochs": 5})

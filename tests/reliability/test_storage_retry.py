@@ -8,46 +8,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from app.config import Settings
 from app.storage import build_storage
 from app.storage.exceptions import ObjectNotFound, StorageUnavailable
 from tests.reliability.proxy import TcpProxy
-from tests.reliability.stack import free_port
-
-S3 = {
-    "storage_backend": "s3",
-    "s3_bucket": "distill",
-    "s3_region": "us-east-1",
-    "s3_access_key_id": "test",
-    "s3_secret_access_key": "test",
-}
+from tests.reliability.stack import S3_SETTINGS, proxied_s3
 
 
 @pytest.fixture()
 def store(tmp_path: Path) -> Iterator[tuple[Settings, TcpProxy]]:
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    moto.start()
-    try:
-        with TcpProxy("127.0.0.1", moto._port) as proxy:
-            endpoint = f"http://127.0.0.1:{proxy.port}"
-            boto3.client(
-                "s3",
-                endpoint_url=endpoint,
-                region_name="us-east-1",
-                aws_access_key_id="test",
-                aws_secret_access_key="test",
-            ).create_bucket(Bucket="distill")
-            yield Settings(data_dir=tmp_path, s3_endpoint_url=endpoint, **S3), proxy
-    finally:
-        moto.stop()
+    with proxied_s3() as (s3, proxy):
+        yield Settings(data_dir=tmp_path, **s3), proxy
 
 
 def test_a_minute_long_outage_is_within_the_worker_budget() -> None:
-    assert Settings(**S3).s3_worker_retry_budget_s >= 90
+    assert Settings(**S3_SETTINGS).s3_worker_retry_budget_s >= 90
 
 
 def test_worker_upload_outlasts_an_outage_the_api_gives_up_on(store, tmp_path: Path) -> None:
