@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(default=10, ge=1)
     # Connections of the async pool behind the polled `GET /v1/jobs/{id}`, per API process. It pipelines
     # whatever is waiting, so one connection carries thousands of reads a second; each extra one is another
-    # PostgreSQL backend competing for the CPU (see bench/api.py on p99 1.6x hello-world with 1, 2x with 2)
+    # PostgreSQL backend competing for the CPU (bench/README.md, API: p99 1.6x hello's with 1, 2x with 2).
     database_read_pool_size: int = Field(default=1, ge=1)
     database_pre_ping: bool = False  # one extra round trip per checkout; see app.db.session.make_engine
     # A Celery transport that needs no server (SQLAlchemy over SQLite); Redis in production.

@@ -54,7 +54,8 @@ def choose_hyperparameters(
     """-> {"temperature", "alpha", "why", "trials": [...], "metric"}; values fixed in `config` pass through.
 
     student_factory: builds a fresh, untrained student (called once per trial, under the same seed).
-    budget_epochs: the epochs of the run being tuned; each trial runs max(1, budget_epochs // 4).
+    budget_epochs: the epochs of the run being tuned; each trial runs max(1, budget_epochs // 4) of them,
+    or all of them on a small training set (see the module docstring).
     max_cost: the whole search costs at most this many times a full run of budget_epochs epochs.
     stop: handed to every trial's train(): True raises `train.Stopped` (a cancel or a timeout during the
     search stops it within seconds; trials keep no checkpoint, a resumed stage searches again).

@@ -199,7 +199,7 @@ class ModuleTeacher(Teacher):
 
     def _decide_fast(self, x: Tensor) -> None:
         self._fast_decided = True
-        if self.device.type != "cpu" or not isinstance(self.module, torch.jit.ScriptModule) or len(x) == 0:
+        if self.device.type != "cpu" or not isinstance(self.module, torch.jit.ScriptModule):
             return
         try:
             fast = torch.jit.optimize_for_inference(torch.jit.freeze(self.module.eval()))

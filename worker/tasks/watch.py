@@ -216,33 +216,32 @@ class StageWatch:
             return "shutdown"
         if self._queue and self._db_away_since is not None:
             self.flush()  # the outage may be over: what waited goes out first
-        row = self._db(self._check)
-        if row is _AWAY:
+        checked = self._db(self._check)
+        if checked is _AWAY:
             return None  # computing on; the first renewal after the outage decides
-        status, soft_labeling_at, max_runtime_s, renewed = row  # type: ignore[misc]
+        job, renewed = checked  # type: ignore[misc]
         if renewed is False:
             return "lease_lost"
+        status = None if job is None else job.status
         if status == "cancelled":
             return "cancelled"
         if status != self.status or self.lost:
             return "lease_lost"
-        if status is not None and past_deadline(max_runtime_s, soft_labeling_at):
+        if job is not None and past_deadline(job.max_runtime_s, job.soft_labeling_at):
             return "timeout"
         return None
 
-    def _check(self, session: Session) -> tuple[str | None, datetime | None, int | None, bool | None]:
-        """The row's status (and deadline inputs); renews the lease when it is due."""
+    def _check(self, session: Session) -> tuple[Any, bool | None]:
+        """The job row (None if gone) and, when a renewal was due, whether the lease was renewed."""
         job = service.get_job_for_worker(session, self.job_id)
-        if job is None:
-            return None, None, None, None
         renewed = None
-        if job.status == self.status and time.monotonic() >= self._next_renew:
+        if job is not None and job.status == self.status and time.monotonic() >= self._next_renew:
             renewed = service.renew_lease(
                 session, self.job_id, self.ctx.worker_id, lease_s=self.ctx.settings.worker_lease_s
             )
             if renewed:
                 self._next_renew = time.monotonic() + self.ctx.settings.worker_lease_s / 4
-        return job.status, job.soft_labeling_at, job.max_runtime_s, renewed
+        return job, renewed
 
 
 def past_deadline(max_runtime_s: int | None, started_at: datetime | None) -> bool:
