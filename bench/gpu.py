@@ -199,7 +199,7 @@ def product_rate(args, x: Tensor, y: Tensor, cached: Tensor, base: int, device: 
 
     torch.manual_seed(0)
     student = MODELS[args.student](args.classes, base)
-    config = DistillConfig(temperature=4.0, alpha=0.9, batch_size=args.batch, grad_clip=None)
+    config = DistillConfig(method="hinton", temperature=4.0, alpha=0.9, batch_size=args.batch, grad_clip=None)
     data = TensorData(x.contiguous(), y, cached)
     train(student, data, None, "hinton", config, epochs=1, device=device)  # warm-up: cudnn autotuning
     sync(device)

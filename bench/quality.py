@@ -91,8 +91,8 @@ def fresh(spec: str, seed: int) -> torch.nn.Module:
 def chosen(distill_result: dict) -> str:
     """What autotune picked, as the product reports it."""
     hp = distill_result.get("hyperparameters") or distill_result.get("chosen") or {}
-    t, a = hp.get("temperature"), hp.get("alpha")
-    return f"T={t:g} a={a:g}" if isinstance(t, (int, float)) and isinstance(a, (int, float)) else "?"
+    m, t, a = hp.get("method", "?"), hp.get("temperature"), hp.get("alpha")
+    return f"{m} T={t:g} a={a:g}" if isinstance(t, (int, float)) and isinstance(a, (int, float)) else "?"
 
 
 def main() -> None:

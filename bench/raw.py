@@ -81,11 +81,13 @@ def fit(
     weight_decay: float = 1e-4,
     clip: float | None = 1.0,
     seed: int = 0,
+    loss: Callable[..., tuple[Tensor, dict]] | None = None,
 ) -> tuple[nn.Module, float]:
     """Train on tensors held in memory (the fastest loop there is: no DataLoader, no per-row work).
 
     `logits` None trains on hard labels alone (rows labelled -1 are dropped); otherwise Hinton KD from the
-    given cached teacher logits. Returns the model with its best-on-validation weights and that accuracy.
+    given cached teacher logits, or `loss` (a `worker.distill.losses` function) in its place. Returns the
+    model with its best-on-validation weights and that accuracy.
     """
     torch.manual_seed(seed)
     if logits is None:
@@ -99,10 +101,12 @@ def fit(
         for idx in torch.randperm(len(x)).split(batch_size):
             out = model(x[idx])
             if logits is None:
-                loss = F.cross_entropy(out, y[idx])
+                value = F.cross_entropy(out, y[idx])
+            elif loss is None:
+                value = hinton_loss(out, logits[idx], y[idx], T, alpha)
             else:
-                loss = hinton_loss(out, logits[idx], y[idx], T, alpha)
-            _step(model, opt, sched, loss, clip)
+                value, _ = loss(out, logits[idx], y[idx], temperature=T, alpha=alpha)
+            _step(model, opt, sched, value, clip)
         acc = accuracy(model, x_val, y_val)
         if acc > best_acc:
             best, best_acc = copy.deepcopy(model.state_dict()), acc

@@ -4,7 +4,8 @@
     python -m bench.speed --profile    # also cProfile one extra product run (top functions by own time)
 
 Arms, all on the same rows (the product's 90/10 split of the 60k training images), the same student, the
-same fixed T=4 / alpha=0.9 (so all do the same arithmetic; `--auto` also times the product's autotune):
+same fixed Hinton KD at T=4 / alpha=0.9 (so all do the same arithmetic; `--auto` also times the product's
+defaults, autotune included):
   product  `pipeline.soft_label` + `pipeline.distill` on a work folder (teacher file + uint8 NPZ dataset);
   online   a DataLoader loop that runs the teacher on every batch of every epoch (what a user writes);
   floor    the teacher once over the rows into a tensor, then a loop indexing tensors (nothing to remove).
@@ -58,7 +59,8 @@ def product_arm(work: Path, data, spec: str, epochs: int, **settings) -> dict:
     """Soft-label then distill stage on a fresh work folder; writing the folder (the upload) is not timed."""
     x_raw, y_all, tr, va = data
     product.make_work(work, TEACHER_PATH, x_raw[tr], y_all[tr], x_raw[va], y_all[va])
-    cfg = product.config(spec, epochs=epochs, seed=0, **({"temperature": T, "alpha": ALPHA} | settings))
+    fixed = {"method": "hinton", "temperature": T, "alpha": ALPHA}  # the arithmetic of the hand-written arms
+    cfg = product.config(spec, epochs=epochs, seed=0, **(fixed | settings))
     _, label = timed(product.pipeline.soft_label, work, cfg, None)
     result, train = timed(product.pipeline.distill, work, cfg, None)
     best = result["phases"]["distill"]["best_metric"]
@@ -98,7 +100,7 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
-        "--auto", action="store_true", help="also time the product with temperature/alpha auto"
+        "--auto", action="store_true", help="also time the product with method/T/alpha auto (its defaults)"
     )
     parser.add_argument("--skip-online", action="store_true", help="leave out the slow online arm")
     parser.add_argument("--train-rows", type=int, help="use a stratified subset of the 60k rows (smoke runs)")
@@ -130,7 +132,7 @@ def main() -> None:
                       f"  val {r['val']:.4f}", flush=True)  # fmt: skip
         if args.auto:
             runs["auto"] = [product_arm(Path(tmp) / "auto", data, args.student, args.epochs,
-                                        temperature="auto", alpha="auto")]  # fmt: skip
+                                        method="auto", temperature="auto", alpha="auto")]  # fmt: skip
         if args.profile:
             profile_product(Path(tmp) / "profile", data, args.student, args.epochs)
     if not args.skip_online:
@@ -147,7 +149,7 @@ def report(runs: dict[str, list[dict]]) -> None:
         "online": "online (DataLoader, teacher/step)",
         "floor": "floor (cached logits, by hand)",
         "product": "product (soft_label + distill)",
-        "auto": "product, temperature/alpha auto",
+        "auto": "product, method/temperature/alpha auto",
     }
     print(f"\n{'seconds: cpu wall':34} {'teacher pass':>15} {'training':>15} {'total':>15}  val acc")
     for arm in ("online", "floor", "product", "auto"):

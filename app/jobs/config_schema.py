@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 SOFT_LABEL_FORMATS = ("full", "topk")
 OPTIMIZERS = ("adamw", "sgd")
@@ -81,7 +81,7 @@ class DistillConfigSchema(BaseModel):
     soft_label_format: Literal[SOFT_LABEL_FORMATS] = "full"  # type: ignore[valid-type]
     topk: int = Field(default=5, ge=1, le=1000)
     shard_size: int = Field(default=8192, ge=1, le=1_000_000)
-    method: Literal[METHODS] = "hinton"  # type: ignore[valid-type]
+    method: Literal[("auto", *METHODS)] = "auto"  # type: ignore[valid-type]
     temperature: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] = "auto"
     alpha: Literal["auto"] | Annotated[float, Field(ge=0, le=1)] = "auto"
     method_params: dict[str, float] = Field(default_factory=dict, max_length=16)
@@ -104,6 +104,13 @@ class DistillConfigSchema(BaseModel):
     @classmethod
     def _teacher_arch(cls, value: str | None) -> str | None:
         return None if value is None else model_spec(value, "teacher_arch")
+
+    @field_validator("method_params")
+    @classmethod
+    def _params_name_their_method(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        if value and info.data.get("method") == "auto":
+            raise ValueError("name the method these belong to (method 'auto' uses each method's defaults)")
+        return value
 
     @field_validator("export_formats")
     @classmethod

@@ -47,7 +47,8 @@ def new_job_page() -> str:
 <label>Training data (npz, csv, parquet, image archive, idx) <input id="dataset" name="dataset" type="file"
  required></label>
 <label>Student <input id="student" name="student" value="mlp:hidden=128" required></label>
-<label>Method <select id="method" name="method"><option>hinton</option><option>soft_target</option>
+<label>Method <select id="method" name="method"><option value="auto">auto (Hinton KD or DIST, chosen on
+ validation)</option><option>hinton</option><option>soft_target</option>
  <option>mse_logits</option><option>dkd</option><option>dist</option></select></label>
 <label>Epochs <input id="epochs" name="epochs" type="number" min="1" value="10" required></label>
 <label>Other settings (JSON) <textarea id="config" name="config" rows="3">{}</textarea></label>

@@ -33,7 +33,7 @@ def test_create_job_fills_defaults_writes_an_event_and_enqueues(
     assert job["id"].startswith("job_") and job["status"] == "queued" and job["stage"] is None
     assert job["progress"] == 0.0 and job["error"] is None and job["metadata"] == {"team": "vision"}
     assert job["config"]["epochs"] == 2 and job["config"]["student"] == "mlp:hidden=32"
-    assert job["config"]["method"] == "hinton" and job["config"]["export_formats"] == [
+    assert job["config"]["method"] == "auto" and job["config"]["export_formats"] == [
         "torchscript",
         "onnx",
         "safetensors",
@@ -53,6 +53,7 @@ def test_validation_errors_name_the_field(client: TestClient, alice: Tenant) -> 
         "config.temperature": {"config": {"temperature": "hot"}},
         "config.learning_rate": {"config": {"learning_rate": 0.1}},
         "config.method": {"config": {"method": "telepathy"}},
+        "config.method_params": {"config": {"method_params": {"beta": 2.0}}},  # method "auto": whose beta?
         "config.export_formats.0": {"config": {"export_formats": ["pickle"]}},
         "config.preprocess.std.0": {"config": {"preprocess": {"std": [0.0]}}},
         "config.teacher_arch": {"config": {"teacher_arch": "mlp:hidden"}},

@@ -20,9 +20,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES, FEATURES = 3, 8
-# Small enough for 2 shared cores: fixed T/alpha (no grid search), a few epochs, no baseline run.
-FAST_CONFIG = {"epochs": 4, "temperature": 2.0, "alpha": 0.5, "batch_size": 32, "lr": 0.01, "baseline": False,
-               "export_formats": ["torchscript"]}
+# Small enough for 2 shared cores: fixed method/T/alpha (no grid search), a few epochs, no baseline run.
+FAST_CONFIG = {"epochs": 4, "method": "hinton", "temperature": 2.0, "alpha": 0.5, "batch_size": 32,
+               "lr": 0.01, "baseline": False, "export_formats": ["torchscript"]}
 
 
 def free_port() -> int:

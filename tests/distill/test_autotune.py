@@ -135,3 +135,37 @@ def test_a_small_training_set_gets_full_length_trials_on_every_row():
     )  # 2,400 row-passes: a full run costs little, and a quarter of one is too short to rank the grid
     assert (chosen["trial_epochs"], chosen["trial_rows"]) == (8, 300)
     assert "8 epoch(s) on 300 of 300 training rows" in chosen["why"]
+
+
+def test_method_auto_searches_hinton_and_dist_and_trains_with_the_best():
+    chosen = choose_hyperparameters(
+        _student, _data(300, 1), _data(100, 2), "auto", _config(), budget_epochs=8
+    )
+    methods = [t["method"] for t in chosen["trials"]]
+    trials = chosen["trials"]
+    # One plain cross-entropy trial (every row labelled), then T x alpha > 0 for each method.
+    assert methods.count("hinton") == 10 and methods.count("dist") == 9
+    best = max(trials, key=lambda t: t["score"])  # the first of ties, Hinton KD's trials coming first
+    assert (chosen["method"], chosen["temperature"], chosen["alpha"]) == (
+        best["method"], best["temperature"], best["alpha"],
+    )  # fmt: skip
+    assert "method in ['hinton', 'dist']" in chosen["why"] and f"method {best['method']}," in chosen["why"]
+
+
+def test_method_auto_with_fixed_temperature_and_alpha_still_chooses_the_method():
+    chosen = choose_hyperparameters(
+        _student, _data(300, 1), _data(100, 2), "auto", _config(temperature=2.0, alpha=0.5), budget_epochs=4
+    )
+    assert [(t["method"], t["temperature"], t["alpha"]) for t in chosen["trials"]] == [
+        ("hinton", 2.0, 0.5),
+        ("dist", 2.0, 0.5),
+    ]
+    assert chosen["method"] in ("hinton", "dist") and (chosen["temperature"], chosen["alpha"]) == (2.0, 0.5)
+
+
+def test_a_named_method_is_the_only_one_tried():
+    chosen = choose_hyperparameters(
+        _student, _data(300, 1), _data(100, 2), "dist", _config(), budget_epochs=4
+    )
+    assert {t["method"] for t in chosen["trials"]} == {"dist"} and chosen["method"] == "dist"
+    assert "method in" not in chosen["why"]

@@ -18,9 +18,9 @@ torch.set_num_threads(1)
 
 def make_config(**overrides):
     settings = dict(
-        student="mlp:hidden=16", epochs=4, batch_size=32, lr=3e-3, temperature=2.0, alpha=0.7,
-        soft_label_format="topk", topk=2, shard_size=128, val_fraction=0.2, finetune_epochs=1,
-        preprocess=PREPROCESS,
+        student="mlp:hidden=16", epochs=4, batch_size=32, lr=3e-3,
+        method="hinton", temperature=2.0, alpha=0.7, soft_label_format="topk", topk=2, shard_size=128,
+        val_fraction=0.2, finetune_epochs=1, preprocess=PREPROCESS,
     )  # fmt: skip
     return DistillConfig.from_dict(settings | overrides)
 
@@ -80,6 +80,7 @@ def test_model_card_names_inputs_resolved_config_and_metrics(finished):
     card = json.loads((work / "out" / "model_card.json").read_text())
     assert card["teacher_sha256"] == sha256_file(teacher) and card["dataset_sha256"] == sha256_file(data)
     assert card["config"]["temperature"] == 2.0 and card["config"]["alpha"] == 0.7 and card["seed"] == 0
+    assert card["config"]["method"] == "hinton" and card["metrics"]["method"] == "hinton"
     assert card["config"]["student"] == "mlp:hidden=16"
     assert DistillConfig.from_dict(card["config"]).epochs == 4  # the card's config runs as is
     assert set(card["libraries"]) == {"python", "torch", "numpy", "onnx", "onnxruntime"}
@@ -236,3 +237,22 @@ def test_a_torchscript_student_init_is_trained_and_exported(tmp_path):
         assert name in report["student"]["files"]
     exported = torch.jit.load(str(work / "out" / "student.pt"))
     assert (exported(torch.from_numpy(raw)).argmax(1).numpy() == y).mean() > 0.8
+
+
+def test_method_auto_trains_with_the_method_it_chose_and_says_so(finished, tmp_path):
+    from worker.distill.checkpoints import load_latest_checkpoint
+
+    work = tmp_path / "work"
+    shutil.copytree(finished[0], work)
+    config = make_config(
+        method="auto", epochs=2, finetune_epochs=0, baseline=False, export_formats=["torchscript"]
+    )
+    report = pipeline.run_all(work, config)
+    hp = report["hyperparameters"]
+    assert hp["source"] == "auto" and {t["method"] for t in hp["trials"]} == {"hinton", "dist"}
+    best = max(hp["trials"], key=lambda t: t["score"])
+    assert hp["method"] == best["method"] and f"method {best['method']}," in hp["why"]
+    assert load_latest_checkpoint(work / "checkpoints")["run"]["method"] == hp["method"]  # what ran
+    card = json.loads((work / "out" / "model_card.json").read_text())
+    assert card["config"]["method"] == card["metrics"]["method"] == hp["method"]
+    assert DistillConfig.from_dict(card["config"]).method == hp["method"]  # the card's config reruns the pick

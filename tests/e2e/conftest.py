@@ -175,9 +175,10 @@ def problem(tmp_path_factory: pytest.TempPathFactory) -> Problem:
     return Problem(folder / "teacher.pt", folder / "train.npz", x_test, y_test, accuracy)
 
 
-# A job small enough for 2 shared cores: fixed T/alpha (no grid), three epochs, no baseline run.
+# A job small enough for 2 shared cores: fixed method/T/alpha (no grid), three epochs, no baseline run.
 JOB_CONFIG = {
     "epochs": 3,
+    "method": "hinton",
     "temperature": 2.0,
     "alpha": 0.5,
     "batch_size": 32,

@@ -16,6 +16,7 @@ from worker.tasks.jobs import run_soft_label
 
 JOB_CONFIG = {
     "epochs": 1,
+    "method": "hinton",
     "temperature": 2.0,
     "alpha": 0.5,
     "baseline": False,

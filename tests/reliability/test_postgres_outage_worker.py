@@ -20,6 +20,7 @@ torch.set_num_threads(1)
 EPOCHS = 16
 CONFIG = {
     "epochs": EPOCHS,
+    "method": "hinton",
     "temperature": 2.0,
     "alpha": 0.5,
     "batch_size": 16,

@@ -35,6 +35,7 @@ def submit(svc: Service, inputs: tuple[Path, Path], **fields: object) -> str:
         # Far more epochs than the test waits for: only a stop ends this run.
         "config": {
             "epochs": 5000,
+            "method": "hinton",
             "temperature": 2.0,
             "alpha": 0.5,
             "baseline": False,

@@ -18,6 +18,7 @@ torch.set_num_threads(1)
 
 CONFIG = {
     "epochs": 8,
+    "method": "hinton",
     "temperature": 2.0,
     "alpha": 0.5,
     "batch_size": 16,

@@ -17,6 +17,7 @@ torch.set_num_threads(1)
 
 CONFIG = {
     "epochs": 1,
+    "method": "hinton",
     "temperature": 2.0,
     "alpha": 0.5,
     "baseline": False,

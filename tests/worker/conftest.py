@@ -108,6 +108,7 @@ def submit(http: TestClient, teacher: Path, dataset: Path, **config: object) -> 
         "student": "mlp:hidden=8",
         "config": {
             "epochs": 2,
+            "method": "hinton",
             "temperature": 2.0,
             "alpha": 0.5,
             "baseline": False,

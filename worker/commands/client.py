@@ -91,7 +91,7 @@ def submit(
     student: Annotated[str, typer.Option(help="student spec, e.g. mlp:hidden=128")] = "mlp:hidden=128",
     validation: Annotated[str | None, typer.Option(help="validation data file or file id")] = None,
     student_init: Annotated[str | None, typer.Option(help="initial student weights file or id")] = None,
-    method: Annotated[str | None, typer.Option(help="hinton, dkd, ...")] = None,
+    method: Annotated[str | None, typer.Option(help="auto (default), hinton, dist, dkd, ...")] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     temperature: Annotated[str | None, typer.Option(help="number or auto")] = None,
     alpha: Annotated[str | None, typer.Option(help="number in [0,1] or auto")] = None,

@@ -278,8 +278,8 @@ def print_table(
     hp = report.get("hyperparameters", {})
     typer.echo(
         f"student is {params(teacher) / params(student):.1f}x smaller and {t[1] / s[1]:.1f}x faster "
-        f"on CPU; T={hp.get('temperature')} alpha={hp.get('alpha')}; KD gain over baseline: "
-        f"{report.get('kd_gain_points')} points"
+        f"on CPU; {hp.get('method')} T={hp.get('temperature')} alpha={hp.get('alpha')}; "
+        f"KD gain over baseline: {report.get('kd_gain_points')} points"
     )
     typer.echo(f"student (TorchScript, preprocessing inside): {student_path}")
 

@@ -84,7 +84,9 @@ def local(
         Path | None, typer.Option(help="TorchScript module to start from", exists=True)
     ] = None,
     method: Annotated[
-        str | None, typer.Option(help="hinton (default), soft_target, mse_logits, dkd, dist")
+        str | None,
+        typer.Option(help="auto (default: hinton or dist, chosen on validation), hinton, soft_target, "
+                     "mse_logits, dkd, dist"),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="default 10")] = None,
     temperature: Annotated[str | None, typer.Option(help="number or auto (default)")] = None,
@@ -154,7 +156,7 @@ def _summary(report: dict[str, Any], out: Path) -> str:
         lines.append(
             f"CPU speed-up       {report['speedup']:.1f}x  (teacher/student parameters {ratio:.1f}x)"
         )
-    lines.append(f"T={hp.get('temperature')} alpha={hp.get('alpha')}: {hp.get('why', '')}")
+    lines.append(f"{hp.get('method')} T={hp.get('temperature')} alpha={hp.get('alpha')}: {hp.get('why', '')}")
     lines.append(f"student: {out / 'out'}")
     return "\n".join(lines)
 

@@ -72,8 +72,8 @@ class DistillConfig:
     soft_label_format: str = "full"  # "full" (fp16 logits) or "topk"
     topk: int = 5
     shard_size: int = 8192
-    # Method
-    method: str = "hinton"
+    # Method: a losses.METHODS name, or "auto" (autotune picks Hinton KD or DIST on validation).
+    method: str = "auto"
     temperature: float | Auto = "auto"
     alpha: float | Auto = "auto"
     method_params: dict[str, float] = field(default_factory=dict)  # e.g. dkd beta, dist gamma
@@ -122,6 +122,11 @@ class DistillConfig:
         auto_or_positive = self.temperature == "auto" or _positive(self.temperature)
         need(auto_or_positive, "temperature", "'auto' or a number > 0")
         need(self.alpha == "auto" or _unit(self.alpha), "alpha", "'auto' or a number in [0, 1]")
+        need(
+            not (self.method == "auto" and self.method_params),
+            "method_params",
+            "name the method they belong to (method 'auto' takes each method's defaults)",
+        )
         need(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         need(self.epochs >= 1, "epochs", "must be >= 1")
         need(self.finetune_epochs >= 0, "finetune_epochs", "must be >= 0")

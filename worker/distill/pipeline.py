@@ -114,9 +114,10 @@ def _choose(
     on_progress: Progress | None,
     stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """Temperature and alpha: as given, or from autotune's short runs when either is "auto"."""
-    if config.temperature != "auto" and config.alpha != "auto":
+    """Method, temperature and alpha: as given, or from autotune's short runs where any is "auto"."""
+    if "auto" not in (config.method, config.temperature, config.alpha):
         return {
+            "method": config.method,
             "temperature": float(config.temperature),
             "alpha": float(config.alpha),
             "source": "given",
@@ -171,7 +172,9 @@ def distill(
         state["hyperparameters"] = _choose(train_data, val_data, loaded, config, on_progress, stop)
         write_json(ckpt / STATE, state)
     hp = state["hyperparameters"]
-    resolved = dataclasses.replace(config, temperature=hp["temperature"], alpha=hp["alpha"])
+    resolved = dataclasses.replace(
+        config, method=hp.get("method", config.method), temperature=hp["temperature"], alpha=hp["alpha"]
+    )
 
     def run(phase: str, model: nn.Module, offset: int, loss: str | None, folder: Path, **kw: Any) -> None:
         def on_epoch(record: dict[str, Any]) -> None:
@@ -196,7 +199,7 @@ def distill(
             "history": result.history,
         }
 
-    run("distill", student, 0, config.method, ckpt)
+    run("distill", student, 0, resolved.method, ckpt)
     if finetune:
         before = {k: v.clone() for k, v in student.state_dict().items()}
         run(
@@ -346,7 +349,8 @@ def export(work: Path, config: DistillConfig) -> list[Path]:
             "student_sha256": report["student_sha256"],
             "teacher_sha256": report["teacher_sha256"],
             "dataset_sha256": report["dataset_sha256"],
-            "config": config.to_dict() | {"temperature": hp["temperature"], "alpha": hp["alpha"]},
+            "config": config.to_dict()
+            | {"method": hp["method"], "temperature": hp["temperature"], "alpha": hp["alpha"]},
             "seed": config.seed,
             "formats": config.export_formats,
             "files": report["student"]["files"],

@@ -18,6 +18,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "speedup": report["speedup"],
         "compression": report["compression"],
         "evaluated_on": report["evaluated_on"],
+        "method": hp.get("method"),
         "temperature": hp.get("temperature"),
         "alpha": hp.get("alpha"),
     }
