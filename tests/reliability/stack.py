@@ -255,6 +255,17 @@ def upload(http: TestClient, purpose: str, path: Path) -> str:
     return r.json()["id"]
 
 
+# A job with nothing to search (method, T and alpha fixed) and no baseline run: its epochs are all it does, so
+# a test can time a kill or an outage against them. Tests add their epochs, batch size, shard size.
+FIXED_JOB = {
+    "method": "hinton",
+    "temperature": 2.0,
+    "alpha": 0.5,
+    "baseline": False,
+    "export_formats": ["safetensors"],
+}
+
+
 def submit(http: TestClient, teacher_id: str, dataset_id: str, config: dict[str, Any]) -> str:
     body = {
         "teacher_file_ids": [teacher_id],

@@ -12,21 +12,13 @@ import torch
 from sqlalchemy.engine import make_url
 
 from tests.reliability.proxy import TcpProxy
-from tests.reliability.stack import blob_job_inputs, stack, submit, upload, wait_until
+from tests.reliability.stack import FIXED_JOB, blob_job_inputs, stack, submit, upload, wait_until
 
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(1)
 
 EPOCHS = 16
-CONFIG = {
-    "epochs": EPOCHS,
-    "method": "hinton",
-    "temperature": 2.0,
-    "alpha": 0.5,
-    "batch_size": 16,
-    "baseline": False,
-    "export_formats": ["safetensors"],
-}
+CONFIG = {**FIXED_JOB, "epochs": EPOCHS, "batch_size": 16}
 OUTAGE_S = 8.0
 
 

@@ -11,20 +11,12 @@ import pytest
 import torch
 from safetensors.numpy import load as load_safetensors
 
-from tests.reliability.stack import blob_job_inputs, kill_group, stack, submit, upload, wait_until
+from tests.reliability.stack import FIXED_JOB, blob_job_inputs, kill_group, stack, submit, upload, wait_until
 
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(1)
 
-CONFIG = {
-    "epochs": 8,
-    "method": "hinton",
-    "temperature": 2.0,
-    "alpha": 0.5,
-    "batch_size": 16,
-    "baseline": False,
-    "export_formats": ["safetensors"],
-}
+CONFIG = {**FIXED_JOB, "epochs": 8, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.reliability.stack import kill_group, stack, submit, upload, wait_until
+from tests.reliability.stack import FIXED_JOB, kill_group, stack, submit, upload, wait_until
 
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(1)
 
-CONFIG = {
-    "epochs": 1,
-    "method": "hinton",
-    "temperature": 2.0,
-    "alpha": 0.5,
-    "baseline": False,
-    "shard_size": 300,
-    "export_formats": ["safetensors"],
-}
+CONFIG = {**FIXED_JOB, "epochs": 1, "shard_size": 300}
 
 
 @pytest.fixture(scope="module")
