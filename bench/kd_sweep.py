@@ -1,7 +1,7 @@
 """What knowledge distillation alone buys, setting by setting, in the hand-written loop.
 
     python -m bench.kd_sweep               # setting (b), every recipe: ~3 min on 2 cores (teacher cached)
-    python -m bench.kd_sweep --setting a   # setting (a), autotune's whole grid at full length: ~15 min
+    python -m bench.kd_sweep --setting a   # setting (a), autotune's whole grid at full length: ~20 min
 
 Setting (b) of bench/quality.py (a seeded stratified 3% of the training rows, the product's validation
 split), seeds 0 and 1, MLP-32 and MLP-128, 10 epochs. For each recipe (batch size, learning rate) it trains
