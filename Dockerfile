@@ -34,8 +34,9 @@ RUN python -m venv /opt/venv
 # PyPI's Linux x86_64 torch wheels are CUDA builds (CUDA libraries come as pip packages; the host driver is
 # mounted by the NVIDIA container toolkit). Pin the version the project is tested with.
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://pypi.org/simple
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# pip's own default index needs no URL; pass --build-arg TORCH_INDEX_URL=... for a mirror or a CPU index.
+ARG TORCH_INDEX_URL=
+RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
@@ -54,6 +55,11 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
 CMD ["distill", "serve", "--api-only", "--no-migrate", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]
 
 FROM base AS worker
+# bubblewrap: every stage child (a user's model) runs in it (worker/sandbox.py); the worker refuses to start
+# without it. It needs user namespaces in the container: see docker-compose.yml's worker service.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends bubblewrap \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=worker-build /opt/venv /opt/venv
 COPY pyproject.toml alembic.ini ./
 COPY migrations ./migrations

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(default=1.0, ge=0)  # doubles after each failed attempt
     webhook_timeout_s: float = Field(default=5.0, gt=0)
     webhook_allow_private: bool = False  # production only: allow receivers on private addresses
+    # Stage children run user models inside bubblewrap (worker/sandbox.py). "off" runs them unconfined:
+    # only for one trusted user on a machine without user namespaces, never with more than one tenant.
+    sandbox: Literal["bwrap", "off"] = "bwrap"
+    bwrap_path: str = "bwrap"
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:

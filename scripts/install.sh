@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
+# bubblewrap: the sandbox every stage child (a user's model) runs in (worker/sandbox.py).
+command -v bwrap >/dev/null || need_apt+=(bubblewrap)
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
 if [ "${DISTILL_INSTALL_BROWSER:-0}" = 1 ]; then
   command -v chromium >/dev/null || need_apt+=(chromium)

@@ -21,7 +21,7 @@ from app.main import create_app
 from app.storage import build_storage
 from app.tenants import service as tenants
 from worker.celery_app import make_celery
-from worker.tasks.context import WorkerContext, set_context
+from worker.tasks.context import WorkerContext, sandbox_from, set_context
 
 
 @dataclass
@@ -66,6 +66,7 @@ def service(tmp_path: Path) -> Iterator[Service]:
         worker_id="test-worker",
         scratch_root=tmp_path / "scratch",
         celery=make_celery(settings),
+        sandbox=sandbox_from(settings),
     )
     set_context(ctx)
     app = create_app(settings, db=db)

@@ -2,21 +2,58 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from worker.tasks.jobs import run_distill, run_soft_label
 
 
-def stage_child(timeout: float = 60) -> multiprocessing.Process:
+@dataclass(frozen=True)
+class StageProcess:
+    """The interpreter that runs a stage, seen from the host (inside the sandbox its pid is 2)."""
+
+    pid: int
+
+    def is_alive(self) -> bool:
+        try:
+            return _stat(self.pid)[0] not in ("Z", "X")
+        except OSError:
+            return False
+
+
+def _stat(pid: int) -> tuple[str, int]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])  # state, parent pid
+
+
+def _descends_from_us(pid: int) -> bool:
+    while pid > 1:
+        pid = _stat(pid)[1]
+        if pid == os.getpid():
+            return True
+    return False
+
+
+def stage_child(timeout: float = 60) -> StageProcess:
+    """This test process's stage child: the Python started by worker.supervisor (not the bwrap around it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for child in multiprocessing.active_children():
-            if child.name == "distill-stage":
-                return child
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if (
+                    proc.name.isdigit()
+                    and b"worker.stage_child" in b" ".join(argv)
+                    and not argv[0].endswith(b"bwrap")
+                    and _descends_from_us(int(proc.name))
+                ):
+                    return StageProcess(int(proc.name))
+            except OSError:
+                continue
         time.sleep(0.05)
     raise AssertionError("no stage process started")
 

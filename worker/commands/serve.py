@@ -92,11 +92,42 @@ def worker(
         "threads"
     ),
     loglevel: Annotated[str, typer.Option()] = "info",
+    check_sandbox: Annotated[
+        bool, typer.Option("--check-sandbox", help="only say whether user models can be sandboxed here")
+    ] = False,
 ) -> None:
     """Run one Celery worker process. Production: one per GPU (CUDA_VISIBLE_DEVICES picks it)."""
+    ok = sandbox_ready()
+    if check_sandbox or not ok:
+        # Fail closed: a worker that cannot sandbox user models does not take jobs at all.
+        raise typer.Exit(0 if ok else 1)
     from worker.celery_app import celery_app
 
     celery_app.worker_main(worker_argv(queues, concurrency, pool, loglevel))
+
+
+def sandbox_ready() -> bool:
+    """Start one sandboxed stage child; say how user models will be confined (stderr). False: they cannot."""
+    from app.config import get_settings
+    from worker.sandbox import SandboxUnavailable
+    from worker.supervisor import check_sandbox
+    from worker.tasks.context import sandbox_from
+
+    sandbox = sandbox_from(get_settings())
+    if not sandbox.confined:
+        typer.echo(
+            "sandbox: OFF (DISTILL_SANDBOX=off): user models run with this worker's files and user; "
+            "unsafe with more than one tenant",
+            err=True,
+        )
+        return True
+    try:
+        check_sandbox(sandbox)
+    except SandboxUnavailable as exc:
+        typer.echo(f"sandbox: UNAVAILABLE: {exc}", err=True)
+        return False
+    typer.echo("sandbox: bwrap (user models see only their job's folder, as uid 65534, no network)", err=True)
+    return True
 
 
 def serve(

@@ -14,6 +14,7 @@ from celery import Celery
 from app.config import Settings, get_settings
 from app.db import Database
 from app.storage import Storage, build_storage
+from worker.sandbox import Sandbox
 
 
 @dataclass
@@ -25,6 +26,7 @@ class WorkerContext:
     worker_id: str
     scratch_root: Path
     celery: Celery  # sends the follow-up and retry tasks
+    sandbox: Sandbox  # how stage children (user models) are confined
 
     def work_dir(self, job_id: str) -> Path:
         return self.scratch_root / job_id
@@ -51,8 +53,13 @@ def get_context() -> WorkerContext:
                 worker_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
                 scratch_root=scratch,
                 celery=celery_app,
+                sandbox=sandbox_from(settings),
             )
         return _context
+
+
+def sandbox_from(settings: Settings) -> Sandbox:
+    return Sandbox(mode=settings.sandbox, bwrap=settings.bwrap_path)
 
 
 def set_context(context: WorkerContext | None) -> None:

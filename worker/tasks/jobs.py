@@ -31,6 +31,7 @@ from app.storage.exceptions import ObjectNotFound, StorageUnavailable
 from worker.celery_app import celery_app
 from worker.distill.errors import DistillError
 from worker.distill.summary import headline
+from worker.sandbox import SandboxUnavailable
 from worker.supervisor import StageCrashed, StageError, StageStopped, Step, run_steps
 from worker.tasks import inputs, partial, steps
 from worker.tasks.context import WorkerContext, get_context
@@ -145,7 +146,14 @@ def run_claimed(
     try:
         inputs.download(claim.files, work)
         mirror.pull()
-        run_steps(stage_steps, work, claim.config, on_message=watch.on_message, should_stop=watch.should_stop)
+        run_steps(
+            stage_steps,
+            work,
+            claim.config,
+            sandbox=ctx.sandbox,
+            on_message=watch.on_message,
+            should_stop=watch.should_stop,
+        )
         watch.settle(ctx.settings.worker_db_wait_s)
         with watch.heartbeat():
             watch.drain()
@@ -159,7 +167,13 @@ def run_claimed(
     except ObjectNotFound:
         _fail(ctx, claim, "input_missing", "an input file of this job no longer exists in storage", work)
     except StageStopped as exc:
-        log.info("job %s: stage %s stopped (%s)", claim.job_id, stage, exc.reason)
+        log.info(
+            "job %s: stage %s stopped (%s; child exit status %s)",
+            claim.job_id,
+            stage,
+            exc.reason,
+            exc.exitcode,
+        )
         if exc.reason == "shutdown":
             # The child checkpointed on its way out: that checkpoint must reach the store before the job
             # is handed back, or the next worker resumes from an older epoch (or from scratch).
@@ -180,6 +194,13 @@ def run_claimed(
     except StageCrashed as exc:
         log.warning("job %s: stage %s crashed: %s", claim.job_id, stage, exc.message)
         _attempt_over(ctx, claim, stage, exc.code, exc.message)
+    except SandboxUnavailable as exc:
+        # Fail closed: the user's model never runs unconfined. The job is not at fault; a worker whose
+        # sandbox works can take it on the next attempt.
+        log.error("job %s: stage %s not run: %s", claim.job_id, stage, exc)
+        _attempt_over(
+            ctx, claim, stage, "sandbox_unavailable", f"this worker cannot sandbox user models: {exc}"
+        )
     except Exception as exc:  # storage or database trouble on our side: this attempt is lost, not the job
         log.exception("job %s: stage %s: worker error", claim.job_id, stage)
         _attempt_over(ctx, claim, stage, "worker_error", f"{type(exc).__name__}: {exc}")

@@ -38,6 +38,7 @@ def _keep(ctx: WorkerContext, tenant_id: str, job_id: str, config: dict[str, Any
         [("partial_student", steps.partial_student_step)],
         work,
         config,
+        sandbox=ctx.sandbox,
         on_message=lambda _: None,
         should_stop=lambda: None,
     )

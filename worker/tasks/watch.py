@@ -66,6 +66,9 @@ class StageWatch:
     def on_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "stage":
             self._queue.append(("enter", STEP_STATUS.get(msg["name"], self.status)))
+            # Every step says in the job's events how the user's model was confined while it ran.
+            confinement = {k: msg.get(k) for k in ("sandbox", "network_isolated")}
+            self._queue.append(("step", {"step": msg["name"], **confinement}))
             self.flush()
         elif msg["type"] == "progress":
             event = msg["event"]
@@ -160,6 +163,8 @@ class StageWatch:
             item = self._queue[0]
             if item[0] == "enter":
                 done = self._enter(item[1])
+            elif item[0] == "step":
+                done = self._step_event(item[1])
             else:
                 done = self._record(item[1])
             if not done:
@@ -195,6 +200,14 @@ class StageWatch:
         else:
             self.status = new
         return True
+
+    def _step_event(self, data: dict[str, Any]) -> bool:
+        if self.lost:
+            return True
+        return (
+            self._db(lambda session: service.add_event(session, self.job_id, "step_started", data))
+            is not _AWAY
+        )
 
     def _record(self, event: dict[str, Any]) -> bool:
         metrics = event.get("metrics") or {}
