@@ -68,12 +68,16 @@ class Settings(BaseSettings):
     max_active_jobs_per_tenant: int = Field(default=20, ge=1)
     max_queued_jobs_per_tenant: int = Field(default=10, ge=1)
     readiness_timeout_s: float = Field(default=2.0, gt=0)
+    # /metrics: with a token, a scraper must send `Authorization: Bearer <token>`. Without one it is open,
+    # except in production, where it answers 404 unless `metrics_public` says the port is private anyway.
+    metrics_token: str | None = None
+    metrics_public: bool = False
     # Webhooks: per-tenant signing secrets derive from this root (development: a random file in data_dir).
     webhook_secret: str | None = None
     webhook_max_attempts: int = Field(default=5, ge=1, le=20)
     webhook_backoff_s: float = Field(default=1.0, ge=0)  # doubles after each failed attempt
     webhook_timeout_s: float = Field(default=5.0, gt=0)
-    webhook_allow_private: bool = False  # production only: allow receivers on private addresses
+    webhook_allow_private: bool = False  # outside development: allow receivers on loopback/private addresses
     # Stage children run user models inside bubblewrap (worker/sandbox.py). "off" runs them unconfined:
     # only for one trusted user on a machine without user namespaces, never with more than one tenant.
     sandbox: Literal["bwrap", "off"] = "bwrap"
@@ -86,6 +90,7 @@ class Settings(BaseSettings):
         secrets = {
             "DISTILL_S3_SECRET_ACCESS_KEY": self.s3_secret_access_key,
             "DISTILL_WEBHOOK_SECRET": self.webhook_secret,
+            "DISTILL_METRICS_TOKEN": self.metrics_token,
             "DISTILL_DATABASE_URL password": urlsplit(self.database_url).password,
             "DISTILL_BROKER_URL password": urlsplit(self.broker_url).password,
         }

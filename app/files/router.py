@@ -8,6 +8,7 @@ from app.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.files import service
 from app.files.schemas import FileOut, FilePage, FileRegister, Purpose
 from app.paging import MAX_LIMIT
+from app.storage.http import byte_position
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -50,7 +51,8 @@ async def upload_file(
         tenant_id,
         request.stream(),
         content_type=request.headers.get("content-type", ""),
-        content_length=int(length) if length and length.isdigit() else None,
+        # Not plain ASCII digits (isdigit() also takes "²"): left to the streamed count, which caps anyway.
+        content_length=byte_position(length) if length and length.isascii() and length.isdigit() else None,
         purpose=purpose,
         filename=filename,
         max_bytes=settings.max_upload_bytes,

@@ -6,6 +6,7 @@ compares them with the core's dataclass and registries so the two cannot drift a
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -32,8 +33,19 @@ def parse_model_spec(spec: str, field: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = part.partition("=")
         if not eq or not key.strip() or not value.strip():
             raise ValueError(f"bad parameter {part!r} in model spec {spec!r}; expected key=value")
+        if any(_non_finite(item) for item in value.split(",")):
+            raise ValueError(f"parameter {key.strip()!r} in {field} must be a finite number")
         params[key.strip()] = value
     return name, params
+
+
+def _non_finite(text: str) -> bool:
+    """The core reads every spec value that parses as a number as one; "nan", "inf" or "1e999" would reach
+    a layer as a size or rate no model can use."""
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def model_spec(value: str, field: str) -> str:
@@ -45,11 +57,16 @@ def model_spec(value: str, field: str) -> str:
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 
+# Every request model refuses unknown keys and non-finite floats. Python's json reads NaN and Infinity
+# literals and pydantic turns "nan"/"inf" strings into floats; stored, they become JSON null and the job
+# later fails far from the cause, so every float field (lists and dict values too) refuses them here.
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
 
 class PreprocessSchema(BaseModel):
     """Applied to raw inputs before teacher and student alike: `(x * scale - mean) / std`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     scale: float = 1.0
     mean: list[float] = Field(default_factory=lambda: [0.0], min_length=1, max_length=64)
@@ -71,7 +88,7 @@ class PreprocessSchema(BaseModel):
 class DistillConfigSchema(BaseModel):
     """Every DistillConfig setting except `student` (a top-level field of the job request)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     teacher_format: Literal[TEACHER_FORMATS] = "auto"  # type: ignore[valid-type]
     teacher_arch: str | None = None

@@ -25,6 +25,7 @@ from app.limits import JobCaps
 from app.paging import MAX_LIMIT
 from app.storage.http import object_response
 from app.storage.s3 import S3Storage
+from app.webhooks.receivers import private_allowed
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -67,6 +68,7 @@ async def create_job(
             enqueue=enqueue,
             max_attempts=settings.max_attempts,
             caps=JobCaps.from_settings(settings),
+            private_webhooks=private_allowed(settings),
         )
     )
     if not created:
@@ -129,9 +131,7 @@ def list_events(
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(
-    job_id: str, session: SessionDep, tenant_id: TenantDep, keep_partial: bool = False
-) -> JobOut:
+def cancel_job(job_id: str, session: SessionDep, tenant_id: TenantDep, keep_partial: bool = False) -> JobOut:
     return job_out(service.cancel_job(session, tenant_id, job_id, keep_partial=keep_partial))
 
 

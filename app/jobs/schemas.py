@@ -4,9 +4,9 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AnyHttpUrl, BaseModel, Field, field_validator
 
-from app.jobs.config_schema import DistillConfigSchema, model_spec
+from app.jobs.config_schema import STRICT, DistillConfigSchema, model_spec
 from app.jobs.state import TIMESTAMP_STATES
 
 MAX_METADATA_BYTES = 16 * 1024
@@ -17,11 +17,9 @@ FileId = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    teacher_file_ids: list[FileId] = Field(
-        min_length=1, max_length=8
-    )
+    teacher_file_ids: list[FileId] = Field(min_length=1, max_length=8)
     dataset_file_id: FileId
     validation_file_id: FileId | None = None
     student: str = "mlp:hidden=128"
@@ -48,7 +46,11 @@ class JobCreate(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _small_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
+        try:  # free-form, so STRICT's float check cannot reach it: NaN and Infinity are not JSON
+            encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            raise ValueError("metadata must not hold NaN or Infinity") from None
+        if len(encoded) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata must serialise to at most {MAX_METADATA_BYTES} bytes of JSON")
         return value
 

@@ -34,6 +34,7 @@ from app.limits import JobCaps, check_job_caps
 from app.paging import split_page
 from app.queue import Enqueuer
 from app.webhooks import hooks as _webhook_hooks  # noqa: F401  (status events also go to the job's webhook)
+from app.webhooks.receivers import url_refusal
 
 DEFAULT_LEASE_S = 120
 MAX_MESSAGE_CHARS = 4000
@@ -51,13 +52,17 @@ def create_job(
     enqueue: Enqueuer,
     max_attempts: int = 3,
     caps: JobCaps | None = None,
+    private_webhooks: bool = False,
 ) -> tuple[Job, bool]:
     """Validate and insert a queued job; returns `(job, created)`. The enqueue hook runs after commit.
+    A `webhook_url` must not point at a refused address (`app.webhooks.receivers`; loopback and private
+    ones only with `private_webhooks`).
 
     With an `Idempotency-Key`, a retry with the same body returns the first job (`created=False`) and a
     different body is a 409. Two concurrent first requests race on the unique key; the loser returns the
     winner's job.
     """
+    _check_webhook_url(request, private_webhooks)
     request_hash = _request_hash(request)
     if idempotency_key is not None:
         existing = repository.get_by_idempotency_key(session, tenant_id, idempotency_key)
@@ -102,6 +107,16 @@ def create_job(
     add_event(session, job.id, "status", {"from": None, "to": "queued"})
     on_commit(session, partial(enqueue, job.id))
     return job, True
+
+
+def _check_webhook_url(request: JobCreate, private_webhooks: bool) -> None:
+    """Early and clear feedback for a URL that could never be delivered to; the dispatcher checks the
+    address again on every connection, which is what stops a name that resolves elsewhere later."""
+    if request.webhook_url is None:
+        return
+    reason = url_refusal(str(request.webhook_url), allow_private=private_webhooks)
+    if reason is not None:
+        raise InvalidRequest("webhook_url", reason, code="webhook_url_refused")
 
 
 def _request_hash(request: JobCreate) -> str:

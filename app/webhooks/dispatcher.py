@@ -3,16 +3,15 @@
 Events of one job go out one at a time and in order (a per-job queue), while different jobs proceed in
 parallel, so one slow receiver delays only its own job. Each attempt is written to the job's event log as a
 `webhook` event; a failed attempt is retried with exponential backoff up to `webhook_max_attempts`.
+Connections open only to addresses `app.webhooks.receivers` allows; a refused one is recorded, not retried.
 Deliveries live in memory: a process that dies mid-retry loses the rest, and the event log shows how far
 it got.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
-import socket
 import threading
 import time
 from collections import deque
@@ -26,6 +25,7 @@ import httpx
 from app.config import Settings, get_settings
 from app.db.session import Database, session_scope
 from app.observability.logging import bind_job
+from app.webhooks.receivers import ReceiverBlocked, guarded_transport, private_allowed
 from app.webhooks.signing import HEADER, WebhooksNotConfigured, sign, tenant_secret
 
 log = logging.getLogger("distill.webhooks")
@@ -48,8 +48,12 @@ class Dispatcher:
         self._queues: dict[str, deque[Delivery]] = {}
         self._idle = threading.Condition(self._lock)
         # One pool of connections for all deliveries: building a TLS context per POST costs ~0.1 s.
-        self._http = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False,
-                                  headers={"User-Agent": "distill-webhooks"})
+        self._http = httpx.Client(
+            timeout=settings.webhook_timeout_s,
+            follow_redirects=False,
+            headers={"User-Agent": "distill-webhooks"},
+            transport=guarded_transport(allow_private=private_allowed(settings)),
+        )
 
     @property
     def db(self) -> Database:
@@ -93,59 +97,77 @@ class Dispatcher:
         attempts = self.settings.webhook_max_attempts
         try:
             secret = tenant_secret(self.settings, d.tenant_id)
-            blocked = _blocked(d.url, self.settings)
+            blocked = _blocked(d.url)
         except WebhooksNotConfigured as exc:
             secret, blocked = "", exc.detail
         for attempt in range(1, attempts + 1):
             started = time.perf_counter()
             status, error = None, blocked
             if not blocked:
-                headers = {"Content-Type": "application/json",
-                           "Distill-Event-Id": d.event["id"], "Distill-Event-Type": d.event["type"],
-                           "Distill-Delivery-Attempt": str(attempt), HEADER: sign(secret, body)}
+                headers = {
+                    "Content-Type": "application/json",
+                    "Distill-Event-Id": d.event["id"],
+                    "Distill-Event-Type": d.event["type"],
+                    "Distill-Delivery-Attempt": str(attempt),
+                    HEADER: sign(secret, body),
+                }
                 try:
                     response = self._http.post(d.url, content=body, headers=headers)
                     status = response.status_code
                     error = None if 200 <= status < 300 else f"HTTP {status}"
+                except ReceiverBlocked as exc:  # nothing was sent; the next try would be refused the same
+                    error = blocked = str(exc)
                 except httpx.HTTPError as exc:
                     error = f"{type(exc).__name__}: {exc}"[:300]
-            retry_in = None if error is None or blocked or attempt == attempts else \
-                self.settings.webhook_backoff_s * 2 ** (attempt - 1)
+            retry_in = (
+                None
+                if error is None or blocked or attempt == attempts
+                else self.settings.webhook_backoff_s * 2 ** (attempt - 1)
+            )
             self._record(d, attempt, status, error, retry_in, time.perf_counter() - started)
             if retry_in is None:
                 return
             time.sleep(retry_in)
 
-    def _record(self, d: Delivery, attempt: int, status: int | None, error: str | None,
-                retry_in: float | None, seconds: float) -> None:
+    def _record(
+        self,
+        d: Delivery,
+        attempt: int,
+        status: int | None,
+        error: str | None,
+        retry_in: float | None,
+        seconds: float,
+    ) -> None:
         from app.jobs.service import add_event  # the jobs package imports this one's hook
 
-        data = {"event_id": d.event["id"], "event_seq": d.event["data"]["seq"],
-                "status": d.event["data"]["status"], "attempt": attempt, "ok": error is None,
-                "status_code": status, "error": error,
-                "retry_in_s": retry_in, "duration_ms": round(1000 * seconds, 1)}
-        log.log(logging.INFO if error is None else logging.WARNING, "webhook %s attempt %d: %s",
-                d.event["id"], attempt, error or status, extra={"webhook": data})
+        data = {
+            "event_id": d.event["id"],
+            "event_seq": d.event["data"]["seq"],
+            "status": d.event["data"]["status"],
+            "attempt": attempt,
+            "ok": error is None,
+            "status_code": status,
+            "error": error,
+            "retry_in_s": retry_in,
+            "duration_ms": round(1000 * seconds, 1),
+        }
+        log.log(
+            logging.INFO if error is None else logging.WARNING,
+            "webhook %s attempt %d: %s",
+            d.event["id"],
+            attempt,
+            error or status,
+            extra={"webhook": data},
+        )
         with session_scope(self.db) as session:
             add_event(session, d.job_id, "webhook", data)
 
 
-def _blocked(url: str, settings: Settings) -> str | None:
-    """In production, refuse receivers on loopback, private or link-local addresses (no probing the
-    service's own network through webhooks)."""
+def _blocked(url: str) -> str | None:
+    """Only http(s) URLs; where they may connect is the transport's check (`app.webhooks.receivers`)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "blocked: only http(s) URLs"
-    if settings.environment != "production" or settings.webhook_allow_private:
-        return None
-    try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
-    except OSError as exc:
-        return f"cannot resolve {parts.hostname}: {exc}"
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
-            return f"blocked: {parts.hostname} resolves to a non-public address"
     return None
 
 

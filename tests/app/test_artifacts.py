@@ -74,6 +74,40 @@ def test_unsatisfiable_and_ignored_ranges(client: TestClient, alice: Tenant, art
     assert stale.status_code == 200 and len(stale.content) == len(CONTENT)
 
 
+HUGE = "9" * 4301  # past Python's int-string limit: int() of it raises
+
+
+@pytest.mark.parametrize(
+    ("header", "start", "end"),
+    [
+        (f"bytes=0-{HUGE}", 0, 10240),  # answered as bytes=0-9999999999 is: to the end
+        (f"bytes=10200-{HUGE}", 10200, 10240),
+        (f"bytes=-{HUGE}", 0, 10240),  # a suffix longer than the object is all of it
+        (f"bytes={'0' * 5000}5-{'0' * 5000}9", 5, 10),  # leading zeros keep a number small
+    ],
+    ids=["huge-last", "start-huge-last", "huge-suffix", "zero-padded"],
+)
+def test_ranges_with_thousands_of_digits_are_206(
+    client: TestClient, alice: Tenant, artifact_url: str, header: str, start: int, end: int
+) -> None:
+    response = client.get(artifact_url, headers={**alice.headers, "Range": header})
+    assert response.status_code == 206, response.text
+    assert response.content == CONTENT[start:end]
+    assert response.headers["content-range"] == f"bytes {start}-{end - 1}/{len(CONTENT)}"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [f"bytes={HUGE}-", f"bytes={HUGE}-{HUGE}", f"bytes={HUGE}-5", "bytes=99999999999999999999-"],
+    ids=["huge-start", "huge-both", "huge-start-small-last", "twenty-digit-start"],
+)
+def test_starts_past_any_object_are_416(
+    client: TestClient, alice: Tenant, artifact_url: str, header: str
+) -> None:
+    response = client.get(artifact_url, headers={**alice.headers, "Range": header})
+    assert_problem(response, 416, "range_not_satisfiable")
+
+
 def test_missing_artifacts_and_other_tenants(
     client: TestClient, alice: Tenant, bob: Tenant, artifact_url: str
 ) -> None:

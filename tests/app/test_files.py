@@ -115,6 +115,15 @@ def test_upload_over_the_cap_is_413_and_leaves_nothing(
     assert client.get("/v1/files", headers=alice.headers).json()["data"] == []
 
 
+def test_a_content_length_of_thousands_of_digits_is_413_not_500(
+    client: TestClient, alice: Tenant, storage: LocalStorage
+) -> None:
+    huge = {**alice.headers, "Content-Length": "9" * 4301}  # past Python's int-string limit
+    response = client.post("/v1/files?purpose=dataset", headers=huge, content=b"abc")
+    assert_problem(response, 413, "file_too_large")
+    assert stored_objects(storage) == []
+
+
 def test_malformed_multipart_is_400_and_leaves_nothing(
     client: TestClient, alice: Tenant, storage: LocalStorage
 ) -> None:

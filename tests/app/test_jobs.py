@@ -80,6 +80,46 @@ def test_validation_errors_name_the_field(client: TestClient, alice: Tenant) -> 
     assert_problem(not_json, 422, "validation_error")
 
 
+NON_FINITE_CASES = {
+    "config.preprocess.scale": {"preprocess": {"scale": float("nan")}},
+    "config.preprocess.mean.0": {"preprocess": {"mean": float("inf")}},  # a scalar, listed by the schema
+    "config.preprocess.mean.1": {"preprocess": {"mean": [0.5, "-Infinity"]}},
+    "config.method_params.beta": {"method": "dkd", "method_params": {"beta": "nan"}},
+    "config.grad_clip": {"grad_clip": "inf"},
+    "config.temperature": {"temperature": float("nan")},
+    "config.val_fraction": {"val_fraction": "NaN"},
+}
+
+
+def test_nan_and_infinity_are_refused_naming_the_field(client: TestClient, alice: Tenant) -> None:
+    """Python's json reads NaN/Infinity literals and pydantic reads "inf"/"nan" strings as floats; stored,
+    they became null and the job failed later with a misleading code."""
+    teacher, dataset = inputs(client, alice.headers)
+    for field, config in NON_FINITE_CASES.items():
+        body = job_body(teacher, dataset, config={"epochs": 2, **config})
+        raw = json.dumps(body).encode()  # NaN / Infinity literals, as Python's json writes them
+        response = client.post(
+            "/v1/jobs", headers={**alice.headers, "Content-Type": "application/json"}, content=raw
+        )
+        problem = assert_problem(response, 422, "validation_error")
+        assert [e["field"] for e in problem["errors"]] == [field], (field, problem)
+        assert "finite" in problem["errors"][0]["message"]
+    for field, body_change in {
+        "student": {"student": "mlp:hidden=32;dropout=nan"},
+        "config.teacher_arch": {"config": {"teacher_arch": "mlp:hidden=1e999"}},
+        "metadata": {"metadata": {"score": float("inf")}},
+    }.items():
+        body = {**job_body(teacher, dataset), **body_change}
+        response = client.post(
+            "/v1/jobs",
+            headers={**alice.headers, "Content-Type": "application/json"},
+            content=json.dumps(body).encode(),
+        )
+        problem = assert_problem(response, 422, "validation_error")
+        assert [e["field"] for e in problem["errors"]] == [field], (field, problem)
+    assert client.get("/v1/jobs", headers=alice.headers).json()["data"] == []
+
+
 def test_input_files_must_exist_for_the_tenant_and_fit_their_slot(
     client: TestClient, alice: Tenant, bob: Tenant
 ) -> None:
