@@ -6,7 +6,7 @@ sees almost nothing of the machine. In a new mount namespace it gets, read-only:
 project's own package folders, never the repository root (the editable install keeps `./.distill`, with the
 key file, the database and the object folder, beside them). Read-write: the job's scratch folder and nothing
 else; its `inputs/` is bound read-only on top, and /tmp is a folder inside it (on disk: archives are
-extracted there). New user, PID, IPC, UTS, cgroup and network namespaces; uid/gid 65534 with every
+extracted there); the sandbox's own root is remounted read-only. New user, PID, IPC, UTS, cgroup and network namespaces; uid/gid 65534 with every
 capability dropped even when the worker runs as root; `--die-with-parent` so it never outlives the worker.
 
 `mode="off"` runs the same child without bwrap: for one trusted user on a machine without user namespaces,
@@ -107,7 +107,9 @@ class Sandbox:
             args += ["--ro-bind", str(work / "inputs"), str(work / "inputs")]
         args += ["--chdir", str(work)]
         args += _gpu_mounts()
-        return args
+        # The sandbox's own root (a tmpfs holding the mount points) read-only too: the work folder, its /tmp
+        # and a private /dev/shm (DataLoader workers share tensors there) are the only writable places.
+        return args + ["--remount-ro", "/"]
 
 
 def _system_mounts() -> list[str]:
