@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.distill.errors import ConfigError, DatasetError, DistillError
+from worker.distill.errors import ConfigError, DatasetError, DistillError, MismatchError, describe_dim
 
 MANIFEST = "manifest.json"
 _TAIL_FLOOR = 80.0  # exp(-80) ~ 1e-35: no probability mass, still a finite fp32 logit
@@ -100,7 +100,24 @@ def _shard_ok(out_dir: Path, entry: dict[str, Any] | None, rows: int) -> bool:
 
 
 def _teacher_fn(teacher: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    return teacher.logits if hasattr(teacher, "logits") else teacher
+    """A `Teacher`'s checked path (a (batch, classes) output or a MismatchError), else the callable as is."""
+    for name in ("checked_logits", "logits"):
+        if hasattr(teacher, name):
+            return getattr(teacher, name)
+    return teacher
+
+
+def _same_classes(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    # A teacher is the tenant's code and may change its output from batch to batch: say so in bounded words
+    # instead of letting torch.cat quote both sizes.
+    if logits.shape[1] != num_classes:
+        raise MismatchError(
+            f"the teacher returned {describe_dim(num_classes)} classes for the first row and "
+            f"{describe_dim(logits.shape[1])} for a later batch; it must return the same classes for every "
+            "row",
+            field="teacher",
+        )
+    return logits
 
 
 def soft_label_stage(
@@ -164,7 +181,8 @@ def soft_label_stage(
         name = f"{split}-{i:05d}.npz"
         entry = old_entries.get(name)
         if not _shard_ok(out_dir, entry, hi - lo):
-            parts = [run(x_t[s : min(hi, s + batch_size)]) for s in range(lo, hi, batch_size)]
+            starts = range(lo, hi, batch_size)
+            parts = [_same_classes(run(x_t[s : min(hi, s + batch_size)]), num_classes) for s in starts]
             arrays = _encode(torch.cat(parts), fmt, k_eff or 0)
             tmp = out_dir / f".{name}.tmp"
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path

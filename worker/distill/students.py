@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from worker.distill.config import parse_model_spec
-from worker.distill.errors import ConfigError, MismatchError
+from worker.distill.errors import ConfigError, MismatchError, describe_dim, describe_shape, error_cause
 from worker.distill.registry import Registry
+from worker.distill.torchscript_guard import UnsafeOperator, load_torchscript
 
 Builder = Callable[..., nn.Module]
 STUDENTS: Registry[Builder] = Registry("student")
@@ -55,11 +56,15 @@ def load_student_init(path: Path, num_classes: int, input_shape: tuple[int, ...]
             field="student_init",
         )
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = load_torchscript(Path(path))
+    except UnsafeOperator as exc:
+        raise ConfigError(
+            exc.message(Path(path).name, "student init"), code="unsafe_operator", field="student_init"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any failure here is the file's fault
         raise ConfigError(
-            f"cannot load student init: {exc}", code="invalid_student_init", field="student_init"
-        ) from exc
+            f"cannot load student init: {error_cause(exc)}", code="invalid_student_init", field="student_init"
+        ) from None
     probe = torch.zeros(2, *input_shape)
     module.eval()
     try:
@@ -67,13 +72,14 @@ def load_student_init(path: Path, num_classes: int, input_shape: tuple[int, ...]
             out = module(probe)
     except Exception as exc:  # noqa: BLE001
         raise MismatchError(
-            f"student init fails on input of shape {tuple(probe.shape)}: {str(exc).splitlines()[0]}",
+            f"student init fails on input of shape {describe_shape(probe)}: {error_cause(exc)}",
             field="student_init",
         ) from None
     if not isinstance(out, Tensor) or tuple(out.shape) != (2, num_classes):
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        got = f"a tensor of shape {describe_shape(out)}" if isinstance(out, Tensor) else type(out).__name__
         raise MismatchError(
-            f"student init returns {got} for input {tuple(probe.shape)}; expected (2, {num_classes})",
+            f"student init returns {got} for a batch of 2 rows; expected a 2-D (batch, classes) tensor "
+            f"with batch 2 and the teacher's {describe_dim(num_classes)} classes",
             field="student_init",
         )
     module.train()

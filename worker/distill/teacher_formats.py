@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from worker.distill.errors import TeacherError
+from worker.distill.errors import TeacherError, error_cause
 from worker.distill.students import STUDENTS, build_student
 
+# The standard operator sets, and onnxruntime's contrib ops (built into it, no library to load).
+ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 ONNX_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 
 
@@ -31,16 +34,22 @@ class OnnxSession:
         import onnx
         import onnxruntime as ort
 
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises its own DecodeError types
+            raise TeacherError(f"cannot read ONNX teacher {Path(path).name}: {error_cause(exc)}") from None
+        check_onnx_model(model, Path(path))
+        # No custom op library is ever registered: the checks above refuse what would need one anyway.
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, torch.get_num_threads())  # share the cores torch was given
         options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise TeacherError(f"onnxruntime cannot load {Path(path).name}: {exc}") from None
+            raise TeacherError(f"onnxruntime cannot load {Path(path).name}: {error_cause(exc)}") from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            names = ", ".join(i.name for i in inputs)
+            names = ", ".join(i.name[:80] for i in inputs[:6]) + (", ..." if len(inputs) > 6 else "")
             raise TeacherError(f"an ONNX teacher must take exactly one input tensor; this one takes: {names}")
         if inputs[0].type not in ONNX_FLOAT_TYPES:
             raise TeacherError(f"the ONNX teacher's input must be a float tensor, not {inputs[0].type}")
@@ -50,8 +59,7 @@ class OnnxSession:
         self.fixed_batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
         rest = dims[1:]
         self.input_shape = tuple(rest) if rest and all(isinstance(d, int) and d > 0 for d in rest) else None
-        graph = onnx.load(str(path), load_external_data=False).graph
-        output, self.returns_probabilities = _pick_output(self.session.get_outputs(), graph)
+        output, self.returns_probabilities = _pick_output(self.session.get_outputs(), model.graph)
         self.output_name = output.name
         out_dims = list(output.shape or [])
         self.num_classes = out_dims[1] if len(out_dims) == 2 and isinstance(out_dims[1], int) else None
@@ -77,10 +85,79 @@ class OnnxSession:
         return np.asarray(self.session.run([self.output_name], {self.input_name: chunk})[0])[:n]
 
 
+def check_onnx_model(model: Any, path: Path) -> None:
+    """Refuse, before onnxruntime sees the file, nodes from custom-op domains and external data that does
+    not sit in the model's own folder (a `location` like /etc/shadow or ../dataset/train.npz)."""
+    # A call to a model-local function (exporters give them their own domains) is checked through its body.
+    local = {(f.domain, f.name) for f in model.functions}
+    for graph in [model.graph, *model.functions]:
+        for node in _onnx_nodes(graph):
+            if node.domain not in ONNX_DOMAINS and (node.domain, node.op_type) not in local:
+                raise TeacherError(
+                    f"refused {path.name}: node {node.op_type[:80]!r} is from the custom operator domain "
+                    f"{node.domain[:80]!r}; an ONNX teacher may use only the standard domains "
+                    f"({', '.join(repr(d) for d in sorted(ONNX_DOMAINS))})",
+                    code="unsafe_operator",
+                    field="teacher",
+                )
+    folder = path.resolve().parent
+    for tensor in _onnx_tensors(model):
+        if tensor.data_location == tensor.EXTERNAL:
+            _check_external_location(tensor, folder, path.name)
+
+
+def _check_external_location(tensor: Any, folder: Path, filename: str) -> None:
+    location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    relative = Path(location.replace("\\", "/"))
+    inside = (
+        bool(location)
+        and "\x00" not in location
+        and not relative.is_absolute()
+        and ".." not in relative.parts
+    )
+    if not inside or folder not in (folder / relative).resolve().parents:  # resolve(): no symlink out either
+        raise TeacherError(
+            f"External data path {location[:120]!r} of tensor {tensor.name[:80]!r} in {filename} is outside "
+            "the model's folder; external data files must sit beside the model file",
+            field="teacher",
+        )
+
+
+def _onnx_nodes(graph: Any) -> Iterator[Any]:
+    """Every node of `graph` and of the subgraphs in its nodes' attributes (If branches, Loop bodies)."""
+    for node in graph.node:
+        yield node
+        for sub in _subgraphs(node):
+            yield from _onnx_nodes(sub)
+
+
+def _subgraphs(node: Any) -> Iterator[Any]:
+    for attribute in node.attribute:
+        if attribute.HasField("g"):
+            yield attribute.g
+        yield from attribute.graphs
+
+
+def _onnx_tensors(model: Any) -> Iterator[Any]:
+    """Initializers, sparse initializers' values and indices, and tensors held in node attributes."""
+    nodes = [n for graph in [model.graph, *model.functions] for n in _onnx_nodes(graph)]
+    for graph in [model.graph, *(sub for n in nodes for sub in _subgraphs(n))]:
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+
+
 def _pick_output(outputs: list[Any], graph: Any) -> tuple[Any, bool]:
     tensors = [o for o in outputs if o.type in ONNX_FLOAT_TYPES]
     if not tensors:
-        shown = ", ".join(f"{o.name}: {o.type}" for o in outputs)
+        shown = ", ".join(f"{o.name[:80]}: {o.type}" for o in outputs[:6]) + (
+            ", ..." if len(outputs) > 6 else ""
+        )
         raise TeacherError(
             f"the ONNX teacher has no float tensor output ({shown}); for scikit-learn convert with "
             "options={'zipmap': False} so the probabilities come out as a tensor"

@@ -2,8 +2,10 @@
 
 Accepted formats, detected from the bytes (never from the file name):
 - `torchscript`: a `torch.jit.save` zip (has `constants.pkl` / `code/`); runs in the TorchScript interpreter,
-  whose loader only rebuilds tensors and TorchScript classes, so no arbitrary Python runs;
+  whose loader only rebuilds tensors and TorchScript classes, so no arbitrary Python runs, and whose file and
+  custom-library operators are refused before and after loading (torchscript_guard.py);
 - `onnx`: a protobuf ModelProto, run with onnxruntime on CPU (any framework, e.g. scikit-learn via skl2onnx);
+  custom-op domains and external data outside the model's folder are refused first;
 - `safetensors` and `state_dict` (a `torch.save` file): weights only, loaded into `config.teacher_arch` from
   the students registry; a state dict goes through `torch.load(weights_only=True)`, so a pickle carrying
   code or arbitrary objects is refused.
@@ -24,14 +26,24 @@ import torch
 from torch import Tensor, nn
 
 from worker.distill.config import DistillConfig
-from worker.distill.errors import ConfigError, DistillError, MismatchError, TeacherError
+from worker.distill.errors import (
+    ConfigError,
+    DistillError,
+    MismatchError,
+    TeacherError,
+    describe_shape,
+    error_cause,
+)
 from worker.distill.teacher_formats import OnnxSession, load_weights_module
+from worker.distill.torchscript_guard import UnsafeOperator, load_torchscript
 
 FORMATS = ("torchscript", "onnx", "safetensors", "state_dict")
 ACCEPTED = (
     "TorchScript (torch.jit.save), ONNX, safetensors + teacher_arch, "
     "or a state dict saved with torch.save + teacher_arch"
 )
+
+SHOWN_MEMBERS = 6  # an ensemble's members named in a message
 
 __all__ = ["FORMATS", "Teacher", "check_compatible", "detect_format", "load_teacher", "sha256_file"]
 
@@ -97,10 +109,6 @@ def _is_onnx(path: Path, head: bytes) -> bool:
     return model.ir_version > 0 and len(model.graph.output) > 0 and len(model.opset_import) > 0
 
 
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-
-
 class Teacher:
     """A frozen classifier: `logits(x)` maps a preprocessed float32 batch (N, *input_shape) to (N, classes).
 
@@ -144,19 +152,24 @@ class Teacher:
         except DistillError:
             raise
         except Exception as exc:  # noqa: BLE001 - the model's own message names the layer that broke
-            expects = f" (it expects {self.input_shape})" if self.input_shape else ""
             raise MismatchError(
-                f"teacher ({self.format}) fails on data of shape {tuple(x.shape[1:])}{expects}: "
-                f"{first_line(exc)}",
+                f"teacher ({self.format}) fails on data of shape {describe_shape(x.shape[1:])}"
+                f"{self._declared_input(x)}: {error_cause(exc)}",
                 field="teacher",
             ) from None
         if out.dim() != 2 or out.shape[0] != x.shape[0]:
             raise MismatchError(
-                f"teacher returns shape {tuple(out.shape)} for input {tuple(x.shape)}; "
-                "expected (batch, classes)",
+                f"teacher returns a tensor of shape {describe_shape(out)} for a batch of {len(x)} rows; "
+                f"expected a 2-D (batch, classes) tensor with batch {len(x)}",
                 field="teacher",
             )
         return out
+
+    def _declared_input(self, x: Tensor) -> str:
+        """The input shape the file declares (ONNX), when it is not the data's own shape echoed back."""
+        if self.input_shape is None or tuple(self.input_shape) == tuple(x.shape[1:]):
+            return ""
+        return f" (the model declares input {describe_shape(self.input_shape)})"
 
 
 class OnnxTeacher(Teacher):
@@ -250,10 +263,12 @@ class EnsembleTeacher(Teacher):
     def logits(self, x: Tensor) -> Tensor:
         outs = [m.logits(x) for m in self.members]
         if len({tuple(o.shape) for o in outs}) > 1:
-            shown = ", ".join(
-                f"{m.format}: {tuple(o.shape)}" for m, o in zip(self.members, outs, strict=True)
+            pairs = list(zip(self.members, outs, strict=True))
+            shown = ", ".join(f"{m.format}: {describe_shape(o)}" for m, o in pairs[:SHOWN_MEMBERS])
+            more = f", ... {len(pairs)} members" if len(pairs) > SHOWN_MEMBERS else ""
+            raise MismatchError(
+                f"ensemble members return different output shapes: {shown}{more}", field="teacher"
             )
-            raise MismatchError(f"ensemble members return different output shapes: {shown}", field="teacher")
         log_probs = torch.stack([o.float().log_softmax(dim=-1) for o in outs])
         return torch.logsumexp(log_probs, dim=0) - math.log(len(outs))
 
@@ -303,9 +318,13 @@ def _load_one(path: Path, config: DistillConfig, input_shape: tuple[int, ...] | 
         return OnnxTeacher(path, sha)
     if fmt == "torchscript":
         try:
-            module = torch.jit.load(str(path), map_location="cpu")
+            module = load_torchscript(path)
+        except UnsafeOperator as exc:
+            raise TeacherError(
+                exc.message(path.name, "teacher"), code="unsafe_operator", field="teacher"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - a corrupt archive fails in many ways
-            raise TeacherError(f"cannot load TorchScript teacher {path.name}: {first_line(exc)}") from None
+            raise TeacherError(f"cannot load TorchScript teacher {path.name}: {error_cause(exc)}") from None
         return ModuleTeacher(module, fmt, sha, input_shape=input_shape)
     module, shape, classes = load_weights_module(path, fmt, config.teacher_arch, input_shape)
     return ModuleTeacher(module, fmt, sha, input_shape=shape, num_classes=classes)
@@ -327,14 +346,15 @@ def check_compatible(teacher: Teacher, student: nn.Module, sample: Tensor) -> di
             s_out = student(x.to(next(student.parameters(), x).device))
     except Exception as exc:  # noqa: BLE001
         raise MismatchError(
-            f"student fails on data of shape {tuple(x.shape[1:])}: {first_line(exc)}", field="student"
+            f"student fails on data of shape {describe_shape(x.shape[1:])}: {error_cause(exc)}",
+            field="student",
         ) from None
     finally:
         student.train(was_training)
     if tuple(s_out.shape) != tuple(t_out.shape):
         raise MismatchError(
-            f"teacher outputs {tuple(t_out.shape)} but student outputs {tuple(s_out.shape)} "
-            f"for input {tuple(x.shape)}",
+            f"teacher outputs {describe_shape(t_out)} but student outputs {describe_shape(s_out)} "
+            f"for input {describe_shape(x)}",
             field="student",
         )
     if not torch.isfinite(t_out).all():
