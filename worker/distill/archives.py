@@ -22,6 +22,7 @@ CHUNK = 1 << 20
 # An archive whose whole content is under this size cannot hurt anyone, whatever its compression ratio
 # (tiny CSVs of zeros compress more than 200:1).
 RATIO_FLOOR_BYTES = 1 << 20
+MAX_RATIO = 200.0  # content over this many times the compressed size is treated as a decompression bomb
 
 
 def safe_extract(
@@ -29,7 +30,7 @@ def safe_extract(
     dest_dir: Path,
     *,
     max_total_bytes: int = 2 * GiB,
-    max_ratio: float = 200,
+    max_ratio: float = MAX_RATIO,
     max_members: int = 1_000_000,
 ) -> list[Path]:
     """Extract a zip or tar(.gz/.bz2/.xz) into `dest_dir`; return the regular files written, in archive order.

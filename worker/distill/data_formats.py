@@ -10,16 +10,21 @@ import gzip
 import math
 import re
 import struct
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from worker.distill.data_limits import (
+    MAX_DECODED_BYTES,
+    NPZ_FIELDS,
+    check_csv_header,
+    check_npz,
+    check_parquet,
+)
 from worker.distill.errors import DatasetError
 
-GiB = 1 << 30
-MAX_ARRAY_BYTES = 8 * GiB  # what one decoded array may take in memory
+MAX_ARRAY_BYTES = MAX_DECODED_BYTES  # what one decoded array may take in memory
 IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 IDX_NAME = re.compile(r"^(?P<prefix>.*?)[-_.]?(?P<kind>images|labels)[-_.]idx(?P<ndim>\d)-ubyte(\.gz)?$")
@@ -55,13 +60,10 @@ def features(values: np.ndarray, field: str) -> np.ndarray:
     return values.astype(np.float32, copy=False)
 
 
-def read_npz(path: Path) -> Fields:
-    with zipfile.ZipFile(path) as zf:  # np.load trusts the sizes; check them before it inflates anything
-        declared = sum(i.file_size for i in zf.infolist())
-    if declared > MAX_ARRAY_BYTES:
-        raise DatasetError(
-            f"NPZ holds {declared} bytes; the cap is {MAX_ARRAY_BYTES}", code="dataset_too_large"
-        )
+def read_npz(path: Path, *, max_bytes: int = MAX_DECODED_BYTES) -> Fields:
+    """x, y, x_val, y_val, class_names from an NPZ; its declared sizes are checked before anything inflates
+    (np.load trusts them), against `max_bytes` for all arrays as held and the archives' compression ratio."""
+    check_npz(path, max_bytes=max_bytes)
     with np.load(path, allow_pickle=False) as npz:
         if "x" not in npz.files:
             raise DatasetError(
@@ -70,7 +72,7 @@ def read_npz(path: Path) -> Fields:
                 field="x",
             )
         out: Fields = {}
-        for key in ("x", "y", "x_val", "y_val", "class_names"):
+        for key in NPZ_FIELDS:
             if key not in npz.files:
                 continue
             try:
@@ -86,9 +88,19 @@ def read_npz(path: Path) -> Fields:
     return out
 
 
-def read_table(path: Path, kind: str, label_column: str) -> Fields:
+def read_table(path: Path, kind: str, label_column: str, *, max_bytes: int = MAX_DECODED_BYTES) -> Fields:
+    """A CSV or Parquet table; its header (CSV) or footer (Parquet) is checked before the parser runs."""
     import pandas as pd
 
+    try:
+        if kind == "parquet":
+            check_parquet(path, max_bytes=max_bytes)
+        else:
+            check_csv_header(path)
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own error types on a bad footer
+        raise DatasetError(f"cannot read {kind} file {path.name}: {exc}", code="bad_table") from None
     try:
         frame = pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path, low_memory=False)
     except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many parser error types
