@@ -155,10 +155,14 @@ def list_for_tenant(
     return list(session.scalars(keyset_page(query, Job.created_at, Job.id, cursor, limit)))
 
 
-def current_state(session: Session, job_id: str) -> tuple[str, int | None] | None:
-    """`(status, epoch)` read from the database, not from the session's cached object."""
-    row = session.execute(select(Job.status, Job.epoch).where(Job.id == job_id)).one_or_none()
-    return None if row is None else (row.status, row.epoch)
+def current_state(session: Session, job_id: str) -> tuple[str, int | None, str | None] | None:
+    """`(status, epoch, phase)` read from the database, not from the session's cached object; the phase
+    ("distill", "finetune", "baseline") is the one the last progress report named in its metrics."""
+    row = session.execute(select(Job.status, Job.epoch, Job.metrics).where(Job.id == job_id)).one_or_none()
+    if row is None:
+        return None
+    phase = row.metrics.get("phase") if isinstance(row.metrics, dict) else None
+    return row.status, row.epoch, phase if isinstance(phase, str) else None
 
 
 def update_if_status(

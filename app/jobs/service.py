@@ -355,7 +355,7 @@ def record_progress(
     state = repository.current_state(session, job_id)
     if state is None or state[0] not in RUNNING:
         return False
-    status, last_epoch = state
+    status, last_epoch, last_phase = state
     clean_metrics = _json_safe(metrics or {})
     progress = min(1.0, max(0.0, progress)) if math.isfinite(progress) else 0.0
     changes: dict[str, Any] = {"progress": progress, "epoch": epoch, "updated_at": utcnow()}
@@ -363,8 +363,12 @@ def record_progress(
         changes["metrics"] = clean_metrics
     if not repository.update_if_status(session, job_id, status, changes):
         return False
-    if epoch is not None and epoch != last_epoch:
-        add_event(session, job_id, "epoch", {"stage": status, "epoch": epoch, "metrics": clean_metrics})
+    # The distill stage trains up to three models in turn, each counting epochs from 1: an epoch is new when
+    # its number or its phase is, and the event names the phase so "epoch 1" is never ambiguous.
+    phase = clean_metrics.get("phase") if isinstance(clean_metrics.get("phase"), str) else None
+    if epoch is not None and (epoch != last_epoch or phase != last_phase):
+        named = {"stage": status, **({"phase": phase} if phase else {}), "epoch": epoch}
+        add_event(session, job_id, "epoch", {**named, "metrics": clean_metrics})
     return True
 
 

@@ -82,6 +82,24 @@ def test_a_job_runs_through_every_stage_with_timestamps_events_and_artifacts(
     ]
 
 
+def test_each_phase_numbers_its_epochs_and_every_epoch_event_names_its_phase(
+    client: TestClient, alice: Tenant, db: Database, job_id: str
+) -> None:
+    previous = "queued"
+    for stage in ("soft_labeling", "distilling"):
+        with session_scope(db) as session:
+            service.claim_stage(session, job_id, previous, stage, "worker-1")
+        previous = stage
+    # Distillation ends at epoch 1, then fine-tuning and the baseline each count from 1 again; a resumed
+    # stage reports the baseline's epoch 1 a second time.
+    for phase, epoch in (("distill", 1), ("finetune", 1), ("baseline", 1), ("baseline", 1), ("baseline", 2)):
+        with session_scope(db) as session:
+            assert service.record_progress(session, job_id, 0.5, epoch, {"phase": phase, "loss": 1.0})
+    events = client.get(f"/v1/jobs/{job_id}/events", headers=alice.headers).json()["data"]
+    epochs = [(e["data"]["phase"], e["data"]["epoch"]) for e in events if e["kind"] == "epoch"]
+    assert epochs == [("distill", 1), ("finetune", 1), ("baseline", 1), ("baseline", 2)]
+
+
 def test_claim_stage_is_compare_and_set(db: Database, job_id: str) -> None:
     with session_scope(db) as session:
         assert service.claim_stage(session, job_id, "queued", "soft_labeling", "worker-1") is not None

@@ -12,6 +12,7 @@ from worker.distill import pipeline
 from worker.distill.config import DistillConfig
 from worker.distill.errors import DatasetError, DistillError, TeacherError
 from worker.distill.softlabels import sha256_file
+from worker.distill.train import Stopped
 
 torch.set_num_threads(1)
 
@@ -91,13 +92,36 @@ def test_model_card_names_inputs_resolved_config_and_metrics(finished):
 
 def test_progress_events_follow_the_documented_shape(finished):
     *_, events = finished
-    assert all(set(e) == {"stage", "progress", "epoch", "metrics"} for e in events)
+    assert all(set(e) == {"stage", "phase", "progress", "epoch", "metrics"} for e in events)
     assert all(0.0 <= e["progress"] <= 1.0 for e in events)
     stages = list(dict.fromkeys(e["stage"] for e in events))
     assert stages == ["preflight", "soft_label", "distill", "evaluate", "export"]
     epochs = [e for e in events if e["stage"] == "distill" and e["epoch"] is not None]
-    assert [e["metrics"]["phase"] for e in epochs] == ["distill"] * 4 + ["finetune"] + ["baseline"] * 5
+    assert [e["phase"] for e in epochs] == ["distill"] * 4 + ["finetune"] + ["baseline"] * 5
+    assert all(e["metrics"]["phase"] == e["phase"] for e in epochs)
     assert epochs[-1]["progress"] == 1.0 and "val_acc" in epochs[0]["metrics"]
+    assert all(e["phase"] is None for e in events if e["stage"] != "distill")
+
+
+def test_epochs_after_a_stop_and_resume_still_name_their_phase(finished, tmp_path):
+    """A job stopped during its baseline run (a restart, a cancel) resumes it; its epochs, which count
+    from 1 again after the distilled student's, must still say they belong to the baseline."""
+    work = tmp_path / "work"
+    shutil.copytree(finished[0], work)
+    shutil.rmtree(work / "checkpoints")
+    before: list[dict] = []
+
+    def stop() -> bool:  # asked after each epoch: stop once the baseline has done two
+        return sum(e["phase"] == "baseline" for e in before) >= 2
+
+    with pytest.raises(Stopped):
+        pipeline.distill(work, make_config(), before.append, stop=stop)
+    after: list[dict] = []
+    pipeline.distill(work, make_config(), after.append)
+    runs = [(e["phase"], e["metrics"]["phase"], e["epoch"]) for e in before + after if e["epoch"] is not None]
+    distilled = [("distill", "distill", i) for i in range(1, 5)] + [("finetune", "finetune", 1)]
+    assert runs == distilled + [("baseline", "baseline", i) for i in range(1, 6)]
+    assert {e["phase"] for e in after} == {"baseline"}  # nothing before the baseline ran again
 
 
 def test_running_a_finished_job_again_changes_nothing(finished, tmp_path):

@@ -58,10 +58,23 @@ def _device() -> torch.device:
 
 
 def _emit(
-    on_progress: Progress | None, stage: str, progress: float, epoch: int | None = None, **metrics: Any
+    on_progress: Progress | None,
+    stage: str,
+    progress: float,
+    epoch: int | None = None,
+    *,
+    phase: str | None = None,
+    **metrics: Any,
 ):
-    if on_progress is not None:
-        on_progress({"stage": stage, "progress": min(1.0, progress), "epoch": epoch, "metrics": metrics})
+    """One progress event. The distill stage trains up to three models in turn ("distill", "finetune",
+    "baseline"; "autotune" before them) and each counts its epochs from 1, so `phase` says whose epoch it
+    is: on the event and in its metrics (what the job row keeps), on every event, resumed runs included."""
+    if on_progress is None:
+        return
+    if phase is not None:
+        metrics = {"phase": phase, **metrics}
+    event = {"stage": stage, "phase": phase, "progress": min(1.0, progress), "epoch": epoch}
+    on_progress({**event, "metrics": metrics})
 
 
 def preflight(work: Path, config: DistillConfig) -> dict[str, Any]:

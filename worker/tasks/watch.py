@@ -58,7 +58,7 @@ class StageWatch:
         self._queue: list[tuple[Any, ...]] = []
         self._db_away_since: float | None = None
         self._last_write = 0.0
-        self._last_epoch: tuple[str, int | None] | None = None
+        self._last_epoch: tuple[str, str | None, int | None] | None = None
         self._next_renew = time.monotonic() + ctx.settings.worker_lease_s / 4
         self._next_push = time.monotonic() + ctx.settings.mirror_interval_s
         self._pusher: threading.Thread | None = None
@@ -72,7 +72,8 @@ class StageWatch:
             self.flush()
         elif msg["type"] == "progress":
             event = msg["event"]
-            epoch_key = (str(event.get("stage")), event.get("epoch"))
+            phase = (event.get("metrics") or {}).get("phase")
+            epoch_key = (str(event.get("stage")), phase, event.get("epoch"))
             new_epoch = event.get("epoch") is not None and epoch_key != self._last_epoch
             if self._queue and self._queue[-1][0] == "progress" and not self._queue[-1][2]:
                 self._queue[-1] = ("progress", event, new_epoch)
