@@ -6,8 +6,9 @@ sees almost nothing of the machine. In a new mount namespace it gets, read-only:
 project's own package folders, never the repository root (the editable install keeps `./.distill`, with the
 key file, the database and the object folder, beside them). Read-write: the job's scratch folder and nothing
 else; its `inputs/` is bound read-only on top, and /tmp is a folder inside it (on disk: archives are
-extracted there); the sandbox's own root is remounted read-only. New user, PID, IPC, UTS, cgroup and network namespaces; uid/gid 65534 with every
-capability dropped even when the worker runs as root; `--die-with-parent` so it never outlives the worker.
+extracted there); the sandbox's own root is remounted read-only. New user, PID, IPC, UTS, cgroup and
+network namespaces; uid/gid 65534 with every capability dropped even when the worker runs as root;
+`--die-with-parent` so it never outlives the worker.
 
 `mode="off"` runs the same child without bwrap: for one trusted user on a machine without user namespaces,
 never for more than one tenant (docs/reliability.md, "User code").
@@ -105,7 +106,8 @@ class Sandbox:
         args += ["--bind", str(work), str(work)]
         if (work / "inputs").is_dir():
             args += ["--ro-bind", str(work / "inputs"), str(work / "inputs")]
-        args += ["--chdir", str(work)]
+        # The worker's home does not exist in here; libraries that keep caches or ids there get /tmp.
+        args += ["--chdir", str(work), "--setenv", "HOME", "/tmp"]
         args += _gpu_mounts()
         # The sandbox's own root (a tmpfs holding the mount points) read-only too: the work folder, its /tmp
         # and a private /dev/shm (DataLoader workers share tensors there) are the only writable places.
