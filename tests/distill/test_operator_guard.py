@@ -16,6 +16,7 @@ from onnx import TensorProto, helper
 from torch import Tensor, nn
 
 from bench.teacher import FashionCNN
+from tests.support.data import onnx_external_weight
 from worker.distill.errors import ConfigError, TeacherError
 from worker.distill.students import load_student_init
 from worker.distill.teachers import load_teacher
@@ -352,22 +353,13 @@ def test_a_model_local_function_in_its_own_domain_is_walked_not_refused(tmp_path
 MATMUL = helper.make_node("MatMul", ["x", "w"], ["logits"])
 
 
-def _external(location: str) -> TensorProto:
-    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[8, 3])
-    weight.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", "96")):
-        entry = weight.external_data.add()
-        entry.key, entry.value = key, value
-    return weight
-
-
 @pytest.mark.parametrize("location", ["/etc/hostname", "../dataset/train.npz", "sub/../../x.bin", ""])
 def test_onnx_external_data_outside_the_model_folder_is_refused_before_onnxruntime(
     tmp_path, location
 ) -> None:
     (tmp_path / "teacher").mkdir()
     path = tmp_path / "teacher" / "t.onnx"
-    path.write_bytes(_onnx_model([MATMUL], initializer=[_external(location)]))
+    path.write_bytes(_onnx_model([MATMUL], initializer=[onnx_external_weight(location)]))
     with pytest.raises(TeacherError, match="External data path") as err:
         load_teacher([path])
     assert err.value.code == "invalid_teacher" and "ONNXRuntimeError" not in err.value.message
@@ -378,7 +370,7 @@ def test_onnx_external_data_through_a_symlink_out_of_the_folder_is_refused(tmp_p
     (tmp_path / "secret.bin").write_bytes(np.ones((8, 3), np.float32).tobytes())
     (tmp_path / "teacher" / "w.bin").symlink_to(tmp_path / "secret.bin")
     path = tmp_path / "teacher" / "t.onnx"
-    path.write_bytes(_onnx_model([MATMUL], initializer=[_external("w.bin")]))
+    path.write_bytes(_onnx_model([MATMUL], initializer=[onnx_external_weight("w.bin")]))
     with pytest.raises(TeacherError, match="External data path"):
         load_teacher([path])
     (tmp_path / "teacher" / "w.bin").unlink()

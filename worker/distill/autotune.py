@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.distill.config import DistillConfig
 from worker.distill.errors import ConfigError
 from worker.distill.losses import METHODS, uses_temperature
 from worker.distill.train import TensorData, train
@@ -54,7 +55,7 @@ def choose_hyperparameters(
     train_data: TensorData,
     val_data: TensorData | None,
     method: str,
-    config: Any,
+    config: DistillConfig,
     *,
     budget_epochs: int,
     max_cost: float = 1.25,
@@ -75,33 +76,8 @@ def choose_hyperparameters(
     for name in methods:
         METHODS.get(name)  # an unknown method fails here, with the list of known ones
     auto_t, auto_a = config.temperature == "auto", config.alpha == "auto"
-    notes: list[str] = []
     labelled = train_data.y >= 0
-    alphas: tuple[float, ...] = ALPHAS if auto_a else (float(config.alpha),)
-    if auto_a and not bool(labelled.any()):
-        alphas = (1.0,)
-        notes.append(
-            "every training row is unlabelled, so alpha has no effect (each row is distilled at full "
-            "weight); alpha = 1.0"
-        )
-    for name in methods:
-        if auto_t and not uses_temperature(name):
-            notes.append(f"{name} does not use a temperature (T = 1.0 is recorded)")
-    if not auto_t:
-        notes.append(f"T = {config.temperature} was set in the config")
-    if not auto_a:
-        notes.append(f"alpha = {config.alpha} was set in the config")
-
-    def temperatures(name: str) -> tuple[float, ...]:
-        if not auto_t:
-            return (float(config.temperature),)
-        return TEMPERATURES_BY_METHOD.get(name, TEMPERATURES) if uses_temperature(name) else (1.0,)
-
-    grid = [(m, t, a) for m in methods for a in alphas for t in temperatures(m)]
-    if bool(labelled.all()):
-        # With every row labelled, alpha = 0 is plain cross-entropy whatever the method and T: one trial.
-        plain = next((g for g in grid if g[2] == 0.0), None)
-        grid = [g for g in grid if g[2] != 0.0 or g is plain]
+    grid, notes = _grid(methods, config, any_labelled=bool(labelled.any()), all_labelled=bool(labelled.all()))
     if len(grid) <= 1:
         m, t, a = grid[0]
         return {
@@ -116,12 +92,9 @@ def choose_hyperparameters(
         raise ConfigError("choosing temperature/alpha needs the teacher's logits for the training rows")
 
     trial_train, trial_val = _trial_split(train_data, val_data, config.seed)
-    if len(trial_train) * budget_epochs <= SMALL_RUN_SAMPLES:
-        trial_epochs, trial_rows = budget_epochs, len(trial_train)
-    else:
-        trial_epochs = max(1, budget_epochs // 4)
-        rows_in_budget = max_cost * budget_epochs * len(train_data) / (len(grid) * trial_epochs)
-        trial_rows = min(len(trial_train), max(MIN_TRIAL_ROWS, int(rows_in_budget)))
+    trial_epochs, trial_rows = _trial_size(
+        len(trial_train), len(train_data), len(grid), budget_epochs, max_cost
+    )
     order = torch.randperm(len(trial_train), generator=torch.Generator().manual_seed(config.seed))
     trial_train = trial_train.subset(order[:trial_rows])
 
@@ -166,6 +139,51 @@ def choose_hyperparameters(
     }
 
 
+def _grid(
+    methods: tuple[str, ...], config: DistillConfig, *, any_labelled: bool, all_labelled: bool
+) -> tuple[list[tuple[str, float, float]], list[str]]:
+    """The trials, (method, T, alpha) each, and notes on what was fixed and why (for the report's "why")."""
+    auto_t, auto_a = config.temperature == "auto", config.alpha == "auto"
+    notes: list[str] = []
+    alphas: tuple[float, ...] = ALPHAS if auto_a else (float(config.alpha),)
+    if auto_a and not any_labelled:
+        alphas = (1.0,)
+        notes.append(
+            "every training row is unlabelled, so alpha has no effect (each row is distilled at full "
+            "weight); alpha = 1.0"
+        )
+    for name in methods:
+        if auto_t and not uses_temperature(name):
+            notes.append(f"{name} does not use a temperature (T = 1.0 is recorded)")
+    if not auto_t:
+        notes.append(f"T = {config.temperature} was set in the config")
+    if not auto_a:
+        notes.append(f"alpha = {config.alpha} was set in the config")
+
+    def temperatures(name: str) -> tuple[float, ...]:
+        if not auto_t:
+            return (float(config.temperature),)
+        return TEMPERATURES_BY_METHOD.get(name, TEMPERATURES) if uses_temperature(name) else (1.0,)
+
+    grid = [(m, t, a) for m in methods for a in alphas for t in temperatures(m)]
+    if all_labelled:
+        # With every row labelled, alpha = 0 is plain cross-entropy whatever the method and T: one trial.
+        plain = next((g for g in grid if g[2] == 0.0), None)
+        grid = [g for g in grid if g[2] != 0.0 or g is plain]
+    return grid, notes
+
+
+def _trial_size(
+    available: int, train_rows: int, trials: int, budget_epochs: int, max_cost: float
+) -> tuple[int, int]:
+    """Epochs and rows of each trial, from `available` trial rows (sizing: the module docstring)."""
+    if available * budget_epochs <= SMALL_RUN_SAMPLES:
+        return budget_epochs, available
+    epochs = max(1, budget_epochs // 4)
+    rows_in_budget = max_cost * budget_epochs * train_rows / (trials * epochs)
+    return epochs, min(available, max(MIN_TRIAL_ROWS, int(rows_in_budget)))
+
+
 def _trial_split(
     train_data: TensorData, val_data: TensorData | None, seed: int
 ) -> tuple[TensorData, TensorData]:
@@ -182,7 +200,13 @@ def _trial_split(
 
 
 def _explain(
-    chosen: dict, plain: dict | None, trials: list[dict], metric: str, epochs: int, rows: int, total: int
+    chosen: dict[str, Any],
+    plain: dict[str, Any] | None,
+    trials: list[dict[str, Any]],
+    metric: str,
+    epochs: int,
+    rows: int,
+    total: int,
 ) -> str:
     label = {"val_acc": "validation accuracy", "agreement": "agreement with the teacher on validation"}
     what = label.get(metric, metric)

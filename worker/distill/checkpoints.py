@@ -54,7 +54,8 @@ def load_latest_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:
         if data is None:
             continue
         try:
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            checkpoint: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return checkpoint
         except Exception:  # noqa: BLE001 - a checkpoint we cannot read is skipped like a corrupt one
             continue
     return None
@@ -62,7 +63,10 @@ def load_latest_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:
 
 def capture_rng(order: torch.Generator) -> dict[str, Any]:
     """Every random state a training step can touch, as tensors and numbers (weights_only-loadable)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = np.random.get_state()
+    if isinstance(state, dict):  # only after np.random.set_bit_generator: the global one is MT19937
+        raise TypeError(f"numpy's global generator is {state.get('bit_generator')}; checkpoints need MT19937")
+    _, keys, pos, has_gauss, cached = state
     version, py_state, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),

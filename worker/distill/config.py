@@ -7,6 +7,7 @@ into the model card (`to_dict`). The service's API schema mirrors these field na
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,10 +31,13 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
     params: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in rest.split(";"))):
         key, eq, value = part.partition("=")
-        if not eq or not key.strip():
+        if not eq or not key.strip() or not value.strip():
             message = f"bad parameter {part!r} in model spec {spec!r}; expected key=value"
             raise ConfigError(message, field="student")
         items = [_number(v.strip()) for v in value.split(",")]
+        if any(isinstance(item, float) and not math.isfinite(item) for item in items):
+            message = f"parameter {key.strip()!r} in {spec!r} must be a finite number"
+            raise ConfigError(message, field="student")
         params[key.strip()] = items if len(items) > 1 else items[0]
     return name.strip(), params
 

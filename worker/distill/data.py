@@ -27,23 +27,30 @@ ACCEPTED = (
 )
 
 
-@dataclass
+@dataclass(init=False)
 class Dataset:
     x: np.ndarray
-    y: np.ndarray | None = None  # None -> every row unlabelled
-    x_val: np.ndarray | None = None
-    y_val: np.ndarray | None = None
+    y: np.ndarray  # -1 marks an unlabelled row
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None  # present whenever x_val is
     # From the class names or the largest label when not given; the teacher's output size is authoritative.
-    num_classes: int | None = None
-    class_names: list[str] | None = None
+    num_classes: int | None
+    class_names: list[str] | None
 
-    def __post_init__(self) -> None:
-        if self.y is None:
-            self.y = np.full(len(self.x), -1, np.int64)
-        if self.x_val is not None and self.y_val is None:
-            self.y_val = np.full(len(self.x_val), -1, np.int64)
-        if self.num_classes is None:
-            self.num_classes = self._classes_seen()
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray | None = None,
+        x_val: np.ndarray | None = None,
+        y_val: np.ndarray | None = None,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+    ) -> None:
+        # Labels are optional on the way in and always there after: a row without one is unlabelled (-1).
+        self.x, self.x_val, self.class_names = x, x_val, class_names
+        self.y = np.full(len(x), -1, np.int64) if y is None else y
+        self.y_val = np.full(len(x_val), -1, np.int64) if x_val is not None and y_val is None else y_val
+        self.num_classes = self._classes_seen() if num_classes is None else num_classes
 
     def __len__(self) -> int:
         return len(self.x)

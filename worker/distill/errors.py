@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import Protocol
 
 
 class DistillError(Exception):
@@ -54,11 +56,18 @@ _NUMBER = r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
 _NUMBER_RUN = re.compile(rf"{_NUMBER}(?:\s*,\s*{_NUMBER}){{{SHOWN_DIMS},}}")
 
 
-def describe_shape(shape: object) -> str:
+class Shaped(Protocol):
+    """A tensor or an array: anything with a `.shape`."""
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+
+def describe_shape(shape: Shaped | Sequence[int]) -> str:
     """`(2, 10)`; at most SHOWN_DIMS sizes, each capped: `(2, 0, 100, 115, ... 47 dims)`, `(2, >1e6)`.
 
     Takes a tensor/array (its `.shape`) or a sequence of ints."""
-    dims = list(getattr(shape, "shape", shape))
+    dims = list(shape if isinstance(shape, Sequence) else shape.shape)
     shown = [describe_dim(d) for d in dims[:SHOWN_DIMS]]
     if len(dims) > SHOWN_DIMS:
         return f"({', '.join(shown)}, ... {len(dims)} dims)"

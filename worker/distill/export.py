@@ -83,18 +83,22 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, check_input
     the torch outputs within `ONNX_ATOL` under onnxruntime, or the export is an error."""
     import onnxruntime as ort
 
-    names = {"input_names": ["input"], "output_names": ["logits"]}
+    inputs, outputs = ["input"], ["logits"]
     with _quiet(), torch.no_grad():
         try:
             batch = torch.export.Dim("batch", min=1)
             dims = ({0: batch},)
             torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
-                              dynamic_shapes=dims, verbose=False, **names)  # fmt: skip
+                              dynamic_shapes=dims, verbose=False, input_names=inputs,
+                              output_names=outputs)  # fmt: skip
         except Exception:  # noqa: BLE001 - torch.export misses some graphs (a TorchScript student init)
             # The TorchScript-based exporter takes a scripted model whole; a trace stops at a ScriptModule.
             axes = {"input": {0: "batch"}, "logits": {0: "batch"}}
             scripted = torch.jit.script(model)
-            torch.onnx.export(scripted, (example,), str(path), dynamo=False, dynamic_axes=axes, **names)
+            torch.onnx.export(
+                scripted, (example,), str(path), dynamo=False, dynamic_axes=axes,
+                input_names=inputs, output_names=outputs,
+            )  # fmt: skip
         expected = model(check_input).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": check_input.numpy()})[0]

@@ -145,7 +145,8 @@ def dkd(
 def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     a = a - a.mean(-1, keepdim=True)
     b = b - b.mean(-1, keepdim=True)
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
+    correlation: Tensor = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
+    return correlation
 
 
 @METHODS.register("dist")

@@ -8,6 +8,7 @@ as the teacher. Scalars broadcast over everything; per-channel values apply alon
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,10 @@ from worker.distill.errors import ConfigError
 
 
 class PreprocessModule(nn.Module):
+    if TYPE_CHECKING:  # the buffers' types, for mypy only: TorchScript cannot read these string annotations
+        mean: Tensor
+        std: Tensor
+
     def __init__(
         self, scale: float = 1.0, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)
     ) -> None:

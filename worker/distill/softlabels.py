@@ -23,9 +23,9 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -55,7 +55,8 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
     path = Path(out_dir) / MANIFEST
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    manifest: dict[str, Any] = json.loads(path.read_text())  # written by this module: a JSON object
+    return manifest
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -83,7 +84,7 @@ def _encode(logits: torch.Tensor, fmt: str, k: int) -> dict[str, np.ndarray]:
     }
 
 
-def _decode(arrays: Any, num_classes: int) -> np.ndarray:
+def _decode(arrays: Mapping[str, np.ndarray], num_classes: int) -> np.ndarray:
     if "logits" in arrays:
         return arrays["logits"].astype(np.float32)
     values, indices, tail = arrays["values"], arrays["indices"], arrays["tail_logit"]
@@ -92,19 +93,30 @@ def _decode(arrays: Any, num_classes: int) -> np.ndarray:
     return dense
 
 
-def _shard_ok(out_dir: Path, entry: dict[str, Any] | None, rows: int) -> bool:
-    if entry is None or entry.get("rows") != rows:
+def _shard_ok(out_dir: Path, entry: dict[str, Any], rows: int) -> bool:
+    if entry.get("rows") != rows:
         return False
     path = out_dir / entry["name"]
-    return path.exists() and sha256_file(path) == entry["sha256"]
+    return path.exists() and sha256_file(path) == str(entry["sha256"])
 
 
-def _teacher_fn(teacher: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A `Teacher`'s checked path (a (batch, classes) output or a MismatchError), else the callable as is."""
-    for name in ("checked_logits", "logits"):
-        if hasattr(teacher, name):
-            return getattr(teacher, name)
-    return teacher
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class HasLogits(Protocol):
+    """A `Teacher` (teachers.py), or anything else with its `logits` method."""
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _teacher_fn(teacher: HasLogits | LogitsFn) -> LogitsFn:
+    """A `Teacher`'s checked path (a (batch, classes) output or a MismatchError), else its logits, else the
+    callable as is."""
+    checked: LogitsFn | None = getattr(teacher, "checked_logits", None)
+    if checked is not None:
+        return checked
+    return teacher.logits if isinstance(teacher, HasLogits) else teacher
 
 
 def _same_classes(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -121,7 +133,7 @@ def _same_classes(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def soft_label_stage(
-    teacher: Any,
+    teacher: HasLogits | LogitsFn,
     x: np.ndarray | torch.Tensor,
     out_dir: Path,
     *,
@@ -180,15 +192,10 @@ def soft_label_stage(
         lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
         name = f"{split}-{i:05d}.npz"
         entry = old_entries.get(name)
-        if not _shard_ok(out_dir, entry, hi - lo):
+        if entry is None or not _shard_ok(out_dir, entry, hi - lo):
             starts = range(lo, hi, batch_size)
             parts = [_same_classes(run(x_t[s : min(hi, s + batch_size)]), num_classes) for s in starts]
-            arrays = _encode(torch.cat(parts), fmt, k_eff or 0)
-            tmp = out_dir / f".{name}.tmp"
-            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-                np.savez(f, **arrays)
-            os.replace(tmp, out_dir / name)
-            entry = {"name": name, "rows": hi - lo, "sha256": sha256_file(out_dir / name)}
+            entry = _write_shard(out_dir, name, _encode(torch.cat(parts), fmt, k_eff or 0), hi - lo)
             shards.append(entry)
             _write_json_atomic(out_dir / MANIFEST, manifest)  # the shard is vouched for once it is complete
         else:
@@ -209,21 +216,33 @@ def soft_label_stage(
     for stale in out_dir.glob(f"{split}-*.npz"):  # left by an earlier, longer run: never mirrored or read
         if stale.name not in kept:
             stale.unlink()
-    if y is not None:
-        y_np = np.asarray(y)
-        labelled = y_np >= 0
-        if labelled.any():
-            pred = load_soft_labels(out_dir, split, manifest=manifest).argmax(1).numpy()
-            info["teacher_accuracy"] = float((pred[labelled] == y_np[labelled]).mean())
+    if y is not None and bool((np.asarray(y) >= 0).any()):
+        info["teacher_accuracy"] = _teacher_accuracy(out_dir, split, manifest, np.asarray(y))
     _write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def _write_shard(out_dir: Path, name: str, arrays: dict[str, np.ndarray], rows: int) -> dict[str, Any]:
+    """One shard file, written whole or not at all; its manifest entry."""
+    tmp = out_dir / f".{name}.tmp"
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+        np.savez(f, allow_pickle=False, **arrays)
+    os.replace(tmp, out_dir / name)
+    return {"name": name, "rows": rows, "sha256": sha256_file(out_dir / name)}
+
+
+def _teacher_accuracy(out_dir: Path, split: str, manifest: dict[str, Any], y: np.ndarray) -> float:
+    """Top-1 accuracy of the stored logits on the labelled rows of `split` (label -1: unlabelled)."""
+    labelled = y >= 0
+    pred = load_soft_labels(out_dir, split, manifest=manifest).argmax(1).numpy()
+    return float((pred[labelled] == y[labelled]).mean())
 
 
 def load_soft_labels(out_dir: Path, split: str, *, manifest: dict[str, Any] | None = None) -> torch.Tensor:
     """The stored logits of `split` as a dense (N, C) float32 tensor (top-k shards reconstructed)."""
     out_dir = Path(out_dir)
-    manifest = manifest or read_manifest(out_dir)
-    info = (manifest or {}).get("splits", {}).get(split)
+    manifest = manifest or read_manifest(out_dir) or {}
+    info = manifest.get("splits", {}).get(split)
     if info is None or not info.get("complete"):
         raise DistillError(
             f"no complete soft labels for split {split!r} in {out_dir}", code="missing_soft_labels"

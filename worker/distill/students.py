@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from worker.distill.config import parse_model_spec
 from worker.distill.errors import ConfigError, MismatchError, describe_dim, describe_shape, error_cause
+from worker.distill.model_formats import detect_format
 from worker.distill.registry import Registry
 from worker.distill.torchscript_guard import UnsafeOperator, load_torchscript
 
@@ -46,8 +47,6 @@ def build_student(spec: str, input_shape: tuple[int, ...], num_classes: int) -> 
 
 def load_student_init(path: Path, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     """The user's own TorchScript module as the student's starting point, checked on a zero batch."""
-    from worker.distill.teachers import detect_format  # teachers imports this module for its registry
-
     fmt = detect_format(Path(path))
     if fmt != "torchscript":
         raise ConfigError(
@@ -143,7 +142,8 @@ class _ImageModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.add_channel:
             x = x.unsqueeze(1)
-        return self.head(self.features(x))
+        logits: Tensor = self.head(self.features(x))
+        return logits
 
 
 def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
@@ -182,7 +182,8 @@ class _BasicBlock(nn.Module):
         self.relu = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.relu(self.body(x) + self.shortcut(x))
+        out: Tensor = self.relu(self.body(x) + self.shortcut(x))
+        return out
 
 
 @STUDENTS.register("resnet")

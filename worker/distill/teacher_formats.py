@@ -198,8 +198,10 @@ def load_weights_module(
             field="teacher_arch",
         )
     classes = int(state[f"{last_name}.weight"].shape[0])
-    build_shape, known_shape = input_shape, input_shape
-    if input_shape is None:
+    known_shape: tuple[int, ...] | None = input_shape
+    if input_shape is not None:
+        build_shape = input_shape
+    else:
         width = int(state[f"{first_name}.weight"].shape[1])
         known_shape = (width,) if isinstance(first, nn.Linear) else None
         build_shape = known_shape or (width, 32, 32)  # image models are size-agnostic

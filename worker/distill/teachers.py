@@ -1,6 +1,6 @@
-"""Teachers from files: format detection, loading without unpickling, ensembles, and the preflight check.
+"""Teachers from files: loading without unpickling, ensembles, and the preflight check.
 
-Accepted formats, detected from the bytes (never from the file name):
+Accepted formats, detected from the bytes (never from the file name) by model_formats.py:
 - `torchscript`: a `torch.jit.save` zip (has `constants.pkl` / `code/`); runs in the TorchScript interpreter,
   whose loader only rebuilds tensors and TorchScript classes, so no arbitrary Python runs, and whose file and
   custom-library operators are refused before and after loading (torchscript_guard.py);
@@ -15,9 +15,7 @@ A list of files is an ensemble: the mean of the members' probabilities, returned
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,14 +32,9 @@ from worker.distill.errors import (
     describe_shape,
     error_cause,
 )
+from worker.distill.model_formats import FORMATS, detect_format
 from worker.distill.teacher_formats import OnnxSession, load_weights_module
 from worker.distill.torchscript_guard import UnsafeOperator, load_torchscript
-
-FORMATS = ("torchscript", "onnx", "safetensors", "state_dict")
-ACCEPTED = (
-    "TorchScript (torch.jit.save), ONNX, safetensors + teacher_arch, "
-    "or a state dict saved with torch.save + teacher_arch"
-)
 
 SHOWN_MEMBERS = 6  # an ensemble's members named in a message
 
@@ -54,59 +47,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def detect_format(path: Path) -> str:
-    """One of FORMATS, from the file's bytes; TeacherError (code `unknown_teacher_format`) otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise TeacherError(f"teacher file {path.name} does not exist", code="teacher_not_found")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-            return "torchscript"
-        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
-            return "state_dict"
-    elif _is_safetensors(path, head):
-        return "safetensors"
-    elif head[:1] == b"\x80":  # pickle protocol >= 2: the legacy torch.save format
-        return "state_dict"
-    elif _is_onnx(path, head):
-        return "onnx"
-    raise TeacherError(
-        f"cannot tell what kind of model {path.name} is; accepted: {ACCEPTED}", code="unknown_teacher_format"
-    )
-
-
-def _is_safetensors(path: Path, head: bytes) -> bool:
-    if len(head) < 8:
-        return False
-    size = int.from_bytes(head, "little")
-    if not 2 <= size <= min(path.stat().st_size - 8, 100 << 20):
-        return False
-    with open(path, "rb") as f:
-        f.seek(8)
-        header = f.read(size)
-    try:
-        return header[:1] == b"{" and isinstance(json.loads(header), dict)
-    except (UnicodeDecodeError, ValueError):
-        return False
-
-
-def _is_onnx(path: Path, head: bytes) -> bool:
-    if head[:1] != b"\x08":  # ModelProto field 1 (ir_version, varint) comes first in every writer we know
-        return False
-    import onnx
-
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(path.read_bytes())
-    except Exception:  # noqa: BLE001 - protobuf raises its own DecodeError types
-        return False
-    return model.ir_version > 0 and len(model.graph.output) > 0 and len(model.opset_import) > 0
 
 
 class Teacher:
@@ -326,8 +266,8 @@ def _load_one(path: Path, config: DistillConfig, input_shape: tuple[int, ...] | 
         except Exception as exc:  # noqa: BLE001 - a corrupt archive fails in many ways
             raise TeacherError(f"cannot load TorchScript teacher {path.name}: {error_cause(exc)}") from None
         return ModuleTeacher(module, fmt, sha, input_shape=input_shape)
-    module, shape, classes = load_weights_module(path, fmt, config.teacher_arch, input_shape)
-    return ModuleTeacher(module, fmt, sha, input_shape=shape, num_classes=classes)
+    weights, shape, classes = load_weights_module(path, fmt, config.teacher_arch, input_shape)
+    return ModuleTeacher(weights, fmt, sha, input_shape=shape, num_classes=classes)
 
 
 def check_compatible(teacher: Teacher, student: nn.Module, sample: Tensor) -> dict[str, Any]:

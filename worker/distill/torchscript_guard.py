@@ -61,7 +61,7 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
     """`torch.jit.load` on CPU between the two checks. UnsafeOperator when refused; anything else that
     goes wrong (a corrupt archive, unparseable code) raises as the loader or the parser raised it."""
     check_archive_source(path)
-    module = torch.jit.load(str(path), map_location="cpu")
+    module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location="cpu")
     check_module(module)
     return module
 
@@ -190,8 +190,9 @@ def _check_source(text: str, where: str) -> None:
                 roots.add(id(_root(node)))
                 _check_chain(chain, where)
     for node in ast.walk(tree):  # `torch`/`ops` as a value: `t = torch`, `getattr(torch, "save")`
-        bare = isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and id(node) not in roots
-        if bare and node.id in _FRAMEWORK_ROOTS:
+        if not isinstance(node, ast.Name) or not isinstance(node.ctx, ast.Load) or id(node) in roots:
+            continue
+        if node.id in _FRAMEWORK_ROOTS:
             reason = "a module used as a value (an alias, getattr) can reach any operator by name"
             raise UnsafeOperator(node.id, where, reason)
 

@@ -10,7 +10,6 @@ with the same weights, bit for bit on CPU, as a run that was never stopped.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +18,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from worker.distill.checkpoints import capture_rng, load_latest_checkpoint, restore_rng, save_checkpoint
+from worker.distill.config import DistillConfig
 from worker.distill.errors import ConfigError
 from worker.distill.losses import METHODS, LossFn, hard_label_ce
 
@@ -72,7 +73,7 @@ def train(
     train_data: TensorData,
     val_data: TensorData | None,
     loss_fn: str | LossFn | None,
-    config: Any,
+    config: DistillConfig,
     *,
     teacher_logits: Tensor | None = None,
     ckpt_dir: Path | None = None,
@@ -86,7 +87,7 @@ def train(
 
     loss_fn: a `METHODS` name or function (distillation, needs teacher logits), or None for plain
       cross-entropy on the labelled rows only (the baseline and the fine-tuning epochs).
-    config: a `DistillConfig` (or anything with its fields); `temperature`/`alpha` must be resolved numbers.
+    config: `temperature`/`alpha` must be resolved numbers when distilling.
     teacher_logits: the train rows' logits, if not in `train_data`. `epochs`/`lr` override the config's.
     ckpt_dir: one folder per run; a valid checkpoint there from the same settings is resumed.
     stop: polled each epoch and every few seconds; True -> raise `Stopped` (last epoch checkpoint kept).
@@ -95,23 +96,10 @@ def train(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     epochs = epochs or config.epochs
     lr = lr or config.lr
-    distilling = loss_fn is not None
     method = loss_fn if isinstance(loss_fn, str) else getattr(loss_fn, "__name__", "hard_label_ce")
-    if isinstance(loss_fn, str):
-        loss_fn = METHODS.get(loss_fn)
-
-    x, y = train_data.x, train_data.y
-    targets = teacher_logits if teacher_logits is not None else train_data.teacher_logits
-    if distilling:
-        temperature, alpha = _resolved(config)
-        if targets is None:
-            raise ConfigError(f"method {method!r} needs teacher logits for the training rows", field="method")
-    else:
-        # Training alone means the labelled rows only: an unlabelled row would be a wasted forward pass.
-        labelled = (y >= 0).nonzero().squeeze(1)
-        if len(labelled) == 0:
-            raise ConfigError("no labelled training rows to train on with hard labels", field="dataset")
-        x, y, targets, temperature, alpha = x[labelled], y[labelled], None, None, None
+    distill_loss = METHODS.get(loss_fn) if isinstance(loss_fn, str) else loss_fn
+    rows = _rows(train_data, teacher_logits, method, distill_loss is not None, config)
+    x, y, targets = rows.x, rows.y, rows.targets
 
     # Hold everything on the device when it fits: indexing on-device beats any loader.
     on_device = _fits_on(device, x, y, targets)
@@ -128,27 +116,16 @@ def train(
     student.to(device)
     optimizer = _optimizer(student, config, lr)
     scheduler = _scheduler(optimizer, config.schedule, lr, epochs * steps_per_epoch)
-    params = dict(config.method_params) if distilling else {}
-    run = {
-        "method": method,
-        "temperature": temperature,
-        "alpha": alpha,
-        "params": params,
-        "epochs": epochs,
-        "lr": lr,
-        "rows": n,
-        **{k: getattr(config, k) for k in _TRAJECTORY_FIELDS},
-    }
+    state = _State(student, optimizer, scheduler, order)  # what a checkpoint saves and restores
+    params = dict(config.method_params) if distill_loss is not None else {}
+    run = _run_identity(method, rows, params, epochs, lr, config)
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "metric": None, "state": None}
     start_epoch, resumed_from = 0, None
     checkpoint = load_latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
     if checkpoint is not None and checkpoint.get("run") == run:
-        student.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        restore_rng(checkpoint["rng"], order)
+        state.restore(checkpoint)
         history, best = checkpoint["history"], checkpoint["best"]
         start_epoch = resumed_from = checkpoint["epoch"]
     # A checkpoint from other settings belongs to another run: start over (and overwrite it as we go).
@@ -156,11 +133,7 @@ def train(
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
-    metric_name = (
-        "val_acc"
-        if val is not None and val.has_labels
-        else ("agreement" if val is not None and val.teacher_logits is not None else "last")
-    )
+    metric_name = _metric_name(val)
     for epoch in range(start_epoch + 1, epochs + 1):
         epoch_started = last_stop_check = time.perf_counter()
         student.train()
@@ -174,14 +147,16 @@ def train(
         sums = torch.zeros(0)
         for step in range(steps_per_epoch):
             index = perm[step * batch_size : (step + 1) * batch_size]
-            xb, yb, tb = x[index], y[index], (targets[index] if distilling else None)
+            xb, yb, tb = x[index], y[index], (None if targets is None else targets[index])
             if not on_device:
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 tb = None if tb is None else tb.to(device, non_blocking=True)
             with autocast:
                 logits = student(xb)
-            if distilling:
-                loss, parts = loss_fn(logits, tb, yb, temperature=temperature, alpha=alpha, **params)
+            if distill_loss is not None:
+                loss, parts = distill_loss(
+                    logits, tb, yb, temperature=rows.temperature, alpha=rows.alpha, **params
+                )
             else:
                 loss = hard_label_ce(logits, yb)
                 parts = {"ce": loss.detach()}
@@ -204,9 +179,7 @@ def train(
 
         record: dict[str, Any] = {"epoch": epoch}
         record.update(zip(part_names, (sums / steps_per_epoch).tolist(), strict=True))
-        seen_labels = y[perm[:seen]].to(device)
-        n_labelled = int((seen_labels >= 0).sum())
-        record["train_acc"] = int((predicted == seen_labels).sum()) / n_labelled if n_labelled else None
+        record["train_acc"] = _accuracy(predicted, y[perm[:seen]].to(device))
         record.update(
             evaluate(student, val, autocast) if val is not None else {"val_acc": None, "agreement": None}
         )
@@ -219,22 +192,7 @@ def train(
         if metric_name == "last" or best["metric"] is None or metric > best["metric"]:
             best = {"epoch": epoch, "metric": metric, "state": _cpu_copy(student.state_dict())}
         if ckpt_dir is not None:
-            save_checkpoint(
-                ckpt_dir,
-                epoch,
-                {
-                    "format": 1,
-                    "epoch": epoch,
-                    "run": run,
-                    "model": student.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": capture_rng(order),
-                    "best": best,
-                    "history": history,
-                    "config": _config_dict(config),
-                },
-            )
+            save_checkpoint(ckpt_dir, epoch, state.checkpoint(epoch, run, best, history, config))
         if on_epoch is not None:
             on_epoch(dict(record))
         if stop is not None and epoch < epochs and stop():
@@ -250,6 +208,84 @@ def train(
         resumed_from=resumed_from,
         seconds=time.perf_counter() - started,
     )
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """What one run trains on: all rows with the teacher's logits, or only the labelled rows without."""
+
+    x: Tensor
+    y: Tensor
+    targets: Tensor | None  # the teacher's logits for these rows; None when training on labels alone
+    temperature: float | None
+    alpha: float | None
+
+
+def _rows(
+    data: TensorData, teacher_logits: Tensor | None, method: str, distilling: bool, config: DistillConfig
+) -> _Rows:
+    targets = teacher_logits if teacher_logits is not None else data.teacher_logits
+    if distilling:
+        temperature, alpha = _resolved(config)
+        if targets is None:
+            raise ConfigError(f"method {method!r} needs teacher logits for the training rows", field="method")
+        return _Rows(data.x, data.y, targets, temperature, alpha)
+    # Training alone means the labelled rows only: an unlabelled row would be a wasted forward pass.
+    labelled = (data.y >= 0).nonzero().squeeze(1)
+    if len(labelled) == 0:
+        raise ConfigError("no labelled training rows to train on with hard labels", field="dataset")
+    return _Rows(data.x[labelled], data.y[labelled], None, None, None)
+
+
+@dataclass
+class _State:
+    """What a checkpoint captures besides the history: weights, optimizer, schedule, and (via capture_rng)
+    every random state, so a resumed run continues bit for bit."""
+
+    student: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    order: torch.Generator  # the epoch permutations
+
+    def checkpoint(
+        self,
+        epoch: int,
+        run: dict[str, Any],
+        best: dict[str, Any],
+        history: list[dict[str, Any]],
+        config: DistillConfig,
+    ) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "epoch": epoch,
+            "run": run,
+            "model": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng(self.order),
+            "best": best,
+            "history": history,
+            "config": config.to_dict(),
+        }
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.student.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        restore_rng(checkpoint["rng"], self.order)
+
+
+def _metric_name(val: TensorData | None) -> str:
+    """What "best epoch" means: validation accuracy, else agreement with the teacher, else the last epoch."""
+    if val is not None and val.has_labels:
+        return "val_acc"
+    return "agreement" if val is not None and val.teacher_logits is not None else "last"
+
+
+def _accuracy(predicted: Tensor, labels: Tensor) -> float | None:
+    """Training accuracy of one epoch's predictions over its labelled rows (label -1: unlabelled)."""
+    n_labelled = int((labels >= 0).sum())
+    return int((predicted == labels).sum()) / n_labelled if n_labelled else None
 
 
 @torch.inference_mode()
@@ -275,11 +311,27 @@ def evaluate(student: nn.Module, data: TensorData, autocast: Any = None) -> dict
     }
 
 
-# The config fields that change the trajectory: a checkpoint only resumes a run that agrees on all of them.
+# The config fields that change the trajectory, besides those _run_identity names itself.
 _TRAJECTORY_FIELDS = ("batch_size", "optimizer", "schedule", "weight_decay", "grad_clip", "seed")
 
 
-def _resolved(config: Any) -> tuple[float, float]:
+def _run_identity(
+    method: str, rows: _Rows, params: dict[str, float], epochs: int, lr: float, config: DistillConfig
+) -> dict[str, Any]:
+    """All that decides a run's trajectory: a checkpoint only resumes a run that agrees on all of it."""
+    return {
+        "method": method,
+        "temperature": rows.temperature,
+        "alpha": rows.alpha,
+        "params": params,
+        "epochs": epochs,
+        "lr": lr,
+        "rows": len(rows.y),
+        **{k: getattr(config, k) for k in _TRAJECTORY_FIELDS},
+    }
+
+
+def _resolved(config: DistillConfig) -> tuple[float, float]:
     if config.temperature == "auto" or config.alpha == "auto":
         raise ConfigError(
             "temperature and alpha must be chosen (autotune) before training", field="temperature"
@@ -287,7 +339,7 @@ def _resolved(config: Any) -> tuple[float, float]:
     return float(config.temperature), float(config.alpha)
 
 
-def _optimizer(student: nn.Module, config: Any, lr: float) -> torch.optim.Optimizer:
+def _optimizer(student: nn.Module, config: DistillConfig, lr: float) -> torch.optim.Optimizer:
     # fused: one kernel per step instead of ~10 per parameter group; on small students (an MLP on CPU)
     # that dispatch overhead is a sizeable part of the step.
     decay = config.weight_decay
@@ -304,7 +356,7 @@ def _constant(step: int) -> float:
     return 1.0
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int) -> Any:
+def _scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int) -> LRScheduler:
     """Stepped once per batch, so short runs still anneal smoothly."""
     sched = torch.optim.lr_scheduler
     if schedule == "cosine":
@@ -335,9 +387,3 @@ def _to_device(data: TensorData | None, device: torch.device) -> TensorData | No
 
 def _cpu_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))

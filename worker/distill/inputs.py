@@ -1,0 +1,243 @@
+"""One job's inputs loaded and cross-checked: teacher, data, preprocessing, and a fresh student.
+
+Every stage starts with `load_inputs`: it reads teacher and data from `inputs/`, applies the preprocessing,
+and runs two samples through teacher and a fresh student (the preflight), so each stage fails fast on its own
+and needs nothing in memory from the one before. A stage child runs several stages of one job in turn
+(distill, evaluate, export), so the last load is kept for the next call with the same work folder, settings
+and input files (each file's size, mtime and inode: a replaced or rewritten file loads again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from worker.distill.config import DistillConfig
+from worker.distill.data import load_dataset, split_validation, validate_dataset
+from worker.distill.errors import DatasetError, DistillError, TeacherError
+from worker.distill.evaluate import count_parameters
+from worker.distill.preprocess import PreprocessModule
+from worker.distill.softlabels import load_soft_labels, read_manifest, sha256_file
+from worker.distill.students import build_student, load_student_init
+from worker.distill.teachers import Teacher, check_compatible, load_teacher
+from worker.distill.workfolder import SLOTS, Work
+
+RAW_SAMPLE = 256
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Teacher and data of one job, checked against each other; x tensors are preprocessed float32.
+
+    Shared by the stages of a job that run in one process: read it, never change it (a stage that moves
+    the teacher to a GPU moves it back).
+    """
+
+    teacher: Teacher
+    teacher_paths: list[Path]
+    teacher_sha256: str
+    dataset_sha256: str
+    preprocess: PreprocessModule
+    x: torch.Tensor
+    y: torch.Tensor
+    x_val: torch.Tensor | None
+    y_val: torch.Tensor | None
+    raw_sample: torch.Tensor  # up to 256 rows as given (validation first): latency and export checks
+    input_shape: tuple[int, ...]
+    num_classes: int
+    class_names: list[str] | None
+    student_init: Path | None
+
+    @property
+    def has_val(self) -> bool:
+        return self.x_val is not None
+
+    def summary(self, student: nn.Module | None = None) -> dict[str, Any]:
+        labelled = int((self.y >= 0).sum())
+        return {
+            "teacher": {
+                "format": self.teacher.format,
+                "sha256": self.teacher_sha256,
+                "files": len(self.teacher_paths),
+            },
+            "dataset": {
+                "sha256": self.dataset_sha256,
+                "train_rows": len(self.y),
+                "labelled_rows": labelled,
+                "val_rows": 0 if self.y_val is None else len(self.y_val),
+            },
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "student_parameters": count_parameters(student) if student is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class _LoadKey:
+    root: Path
+    settings: str  # the whole config as canonical JSON: any setting may change what loads
+    files: tuple[tuple[str, int, int, int], ...]  # (path, size, mtime_ns, inode) of every input entry
+
+
+# At most one entry: a process serves one job at a time, and a second job's tensors would double its memory.
+_last_load: dict[_LoadKey, Loaded] = {}
+
+
+def load_inputs(work: Work, config: DistillConfig) -> tuple[Loaded, nn.Module]:
+    """Load and cross-check teacher, data and a fresh student (seeded); errors name what is wrong.
+
+    A second call with the same inputs and settings returns the kept Loaded and a new student (stages
+    train theirs in place); the global RNG ends in the same state either way (new_student seeds it).
+    """
+    key = _load_key(work, config)
+    if key in _last_load:
+        loaded = _last_load[key]
+        return loaded, new_student(loaded, config)
+    _last_load.clear()  # before loading: the previous job's tensors can go while the new ones arrive
+    loaded, student = _load(work, config)
+    _last_load[key] = loaded
+    return loaded, student
+
+
+def forget_loaded_inputs() -> None:
+    """Drop the kept load and its tensors (a long-lived process between jobs; tests)."""
+    _last_load.clear()
+
+
+def _load_key(work: Work, config: DistillConfig) -> _LoadKey:
+    entries = []
+    for slot in SLOTS:
+        for path in work.input_files(slot):
+            for entry in [path, *(sorted(path.rglob("*")) if path.is_dir() else [])]:
+                stat = entry.stat()
+                entries.append((str(entry), stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    settings = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return _LoadKey(Path(work.root).resolve(), settings, tuple(entries))
+
+
+def _load(work: Work, config: DistillConfig) -> tuple[Loaded, nn.Module]:
+    teacher_paths = work.input_files("teacher")
+    if not teacher_paths:
+        raise TeacherError(
+            f"no teacher file in {work.inputs('teacher')}", code="teacher_not_found", field="teacher"
+        )
+    dataset_paths = work.input_files("dataset")
+    if len(dataset_paths) != 1:
+        raise DatasetError(
+            f"expected one dataset in {work.inputs('dataset')}, found {len(dataset_paths)}",
+            code="dataset_not_found",
+            field="dataset",
+        )
+    val_paths = work.input_files("validation")
+    data = load_dataset(dataset_paths[0], config, val_path=val_paths[0] if val_paths else None)
+    teacher = load_teacher(teacher_paths, config, input_shape=data.feature_shape)
+    data = split_validation(data, config.val_fraction, config.seed)
+    pre = PreprocessModule.from_config(config.preprocess)
+    x = _preprocessed(pre, data.x)
+    # The teacher's output size is authoritative: learn it on real rows, then check the labels against it.
+    num_classes = int(teacher.checked_logits(x[:2]).shape[1])
+    validate_dataset(data, num_classes=num_classes)
+    init = work.input_files("student_init")
+    loaded = Loaded(
+        teacher=teacher,
+        teacher_paths=teacher_paths,
+        teacher_sha256=teacher.sha256,
+        dataset_sha256=_digest(dataset_paths + val_paths),
+        preprocess=pre,
+        x=x,
+        y=torch.from_numpy(data.y),
+        x_val=None if data.x_val is None else _preprocessed(pre, data.x_val),
+        y_val=None if data.y_val is None else torch.from_numpy(data.y_val),
+        raw_sample=torch.from_numpy((data.x if data.x_val is None else data.x_val)[:RAW_SAMPLE].copy()),
+        input_shape=data.feature_shape,
+        num_classes=num_classes,
+        class_names=data.class_names,
+        student_init=init[0] if init else None,
+    )
+    student = new_student(loaded, config)
+    check_compatible(teacher, student, x[:2])
+    return loaded, student
+
+
+def _preprocessed(pre: PreprocessModule, x: np.ndarray, chunk: int = 65536) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([pre(torch.from_numpy(x[i : i + chunk])) for i in range(0, len(x), chunk)])
+
+
+def _digest(paths: list[Path]) -> str:
+    """sha256 of one file as is; of several files or folders, over their relative names and digests."""
+    files = [(p.name, p) for p in paths if p.is_file()]
+    for folder in (p for p in paths if p.is_dir()):
+        files += [(str(f.relative_to(folder.parent)), f) for f in sorted(folder.rglob("*")) if f.is_file()]
+    if len(files) == 1:
+        return sha256_file(files[0][1])
+    return hashlib.sha256("".join(f"{n}:{sha256_file(f)}\n" for n, f in sorted(files)).encode()).hexdigest()
+
+
+def new_student(loaded: Loaded, config: DistillConfig) -> nn.Module:
+    """The untrained student: the same weights for the same seed, so the baseline starts where KD started."""
+    torch.manual_seed(config.seed)
+    if loaded.student_init is not None:
+        return load_student_init(loaded.student_init, loaded.num_classes, loaded.input_shape)
+    return build_student(config.student, loaded.input_shape, loaded.num_classes)
+
+
+def teacher_parameters(teacher: Teacher, paths: list[Path]) -> int | None:
+    """Parameters of a module teacher, initializer values of an ONNX one; an ensemble sums its members."""
+    members = getattr(teacher, "members", None) or [teacher]
+    total = 0
+    for member, path in zip(members, paths, strict=True):
+        module = getattr(member, "module", None)
+        if isinstance(module, nn.Module):
+            total += count_parameters(module)
+        elif member.format == "onnx":
+            import onnx
+
+            graph = onnx.load(str(path), load_external_data=False).graph
+            total += sum(math.prod(t.dims) for t in graph.initializer)
+        else:
+            return None
+    return total
+
+
+def fingerprint(loaded: Loaded, config: DistillConfig) -> str:
+    """What the trained student depends on (soft labels follow from these); export settings are left out."""
+    settings = {k: v for k, v in config.to_dict().items() if k != "export_formats"}
+    key: list[Any] = [loaded.teacher_sha256, loaded.dataset_sha256, settings]
+    if loaded.student_init is not None:
+        key.append(sha256_file(loaded.student_init))
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stored_soft_labels(w: Work, loaded: Loaded, config: DistillConfig, split: str) -> torch.Tensor:
+    """The teacher's stored logits (N, C) for `split`, if they were made from these inputs and settings."""
+    manifest = read_manifest(w.soft_labels)
+    wanted: dict[str, Any] = {
+        "teacher_sha256": loaded.teacher_sha256,
+        "dataset_sha256": loaded.dataset_sha256,
+        "format": config.soft_label_format,
+    }
+    if config.soft_label_format == "topk":
+        wanted["k"] = min(config.topk, loaded.num_classes)
+    if not manifest or any(manifest.get(key) != value for key, value in wanted.items()):
+        raise DistillError(
+            "soft labels are missing or from other inputs: run soft_label first", code="soft_labels_missing"
+        )
+    return load_soft_labels(w.soft_labels, split, manifest=manifest)
+
+
+def load_weights(loaded: Loaded, config: DistillConfig, path: Path) -> nn.Module:
+    if not path.is_file():
+        raise DistillError(f"{path.name} is missing: run the distill stage first", code="student_missing")
+    student = new_student(loaded, config)
+    student.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return student.eval()
