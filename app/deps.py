@@ -8,7 +8,7 @@ touch the database (in the pool) when they must. That keeps the hot read path to
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, cast
 
 from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, Request
@@ -54,20 +54,21 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         await to_thread.run_sync(session.close, limiter=limiter)
 
 
+# app.state is untyped: create_app sets each of these once, with exactly these types.
 async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    return cast(Settings, request.app.state.settings)
 
 
 async def get_storage(request: Request) -> Storage:
-    return request.app.state.storage
+    return cast(Storage, request.app.state.storage)
 
 
 async def get_enqueuer(request: Request) -> Enqueuer:
-    return request.app.state.enqueue
+    return cast(Enqueuer, request.app.state.enqueue)
 
 
 async def get_db(request: Request) -> Database:
-    return request.app.state.db
+    return cast(Database, request.app.state.db)
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]

@@ -131,7 +131,8 @@ async def handle_exception(request: Request, exc: Exception) -> JSONResponse:
         return problem(422, "validation_error", "Invalid request", detail, errors=errors)
     if isinstance(exc, StarletteHTTPException):
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return problem(exc.status_code, code, str(exc.detail), str(exc.detail), headers=exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        return problem(exc.status_code, code, str(exc.detail), str(exc.detail), headers=headers)
     if database_unavailable(exc):
         log.warning("database unavailable: %s", exc)
         return problem(

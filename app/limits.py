@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import AppError
-from app.jobs.models import Job
+from app.jobs import repository as jobs_repository
 from app.jobs.state import RUNNING
-from app.tenants.models import Tenant
+from app.tenants import repository as tenants_repository
 
 QUEUED_RETRY_AFTER_S = 30
 ACTIVE_RETRY_AFTER_S = 60
@@ -38,14 +37,8 @@ class JobCaps:
 
 def check_job_caps(session: Session, tenant_id: str, caps: JobCaps) -> None:
     """Raise TooManyJobs if one more queued job would pass a cap; the caller then inserts it."""
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
-    counts = dict(
-        session.execute(
-            select(Job.status, func.count())
-            .where(Job.tenant_id == tenant_id, Job.status.in_(("queued", *RUNNING)))
-            .group_by(Job.status)
-        ).all()
-    )
+    tenants_repository.lock(session, tenant_id)
+    counts = jobs_repository.count_active_by_status(session, tenant_id, ("queued", *RUNNING))
     queued = counts.pop("queued", 0)
     running = sum(counts.values())
     if queued >= caps.max_queued:

@@ -1,4 +1,6 @@
-"""Opaque keyset cursors over `(created_at, id)`, newest first. Stable under inserts, no OFFSET scans."""
+"""Opaque keyset cursors over `(created_at, id)`, newest first. Stable under inserts, no OFFSET scans.
+
+The query side is `app.db.repository.keyset_page`."""
 
 from __future__ import annotations
 
@@ -7,9 +9,6 @@ import binascii
 import json
 from datetime import datetime
 from typing import Any, TypeVar
-
-from sqlalchemy import Select, and_, or_
-from sqlalchemy.orm import InstrumentedAttribute
 
 from app.errors import InvalidRequest
 
@@ -32,22 +31,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     except (ValueError, TypeError, binascii.Error, json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidRequest("cursor", "not a cursor this API returned", code="invalid_cursor") from None
     return created_at, row_id
-
-
-def keyset_page(
-    query: Select[Any],
-    created_at: InstrumentedAttribute[Any],
-    row_id: InstrumentedAttribute[Any],
-    cursor: str | None,
-    limit: int,
-) -> Select[Any]:
-    """Order newest first and start after `cursor`; fetches `limit + 1` rows to know if a next page exists."""
-    if cursor:
-        after_created, after_id = decode_cursor(cursor)
-        query = query.where(
-            or_(created_at < after_created, and_(created_at == after_created, row_id < after_id))
-        )
-    return query.order_by(created_at.desc(), row_id.desc()).limit(limit + 1)
 
 
 def split_page(rows: list[T], limit: int, key: Any) -> tuple[list[T], str | None]:

@@ -12,6 +12,7 @@ producer is still writing). Names and the producer's settings are shared with th
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from celery import Celery
@@ -42,7 +43,7 @@ def consumer_transport_options(settings: Settings, producer_options: dict[str, A
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     shared = celery_config(settings)
-    celery = Celery("distill", include=["worker.tasks.jobs", "worker.reaper"])
+    celery = Celery("distill")
     celery.conf.update(shared)
     celery.conf.update(
         # Never pickle: a message body is data, not code.
@@ -63,8 +64,22 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
+    # Explicit: the tasks and the reaper are registered here, not as a side effect of importing a module.
+    from worker import reaper
+    from worker.tasks import jobs
+
+    jobs.register(celery)
+    reaper.register(celery)
     return celery
 
 
-celery_app = make_celery()
-install_celery_logging()  # JSON logs in the worker, with the running task's job id
+@functools.lru_cache(maxsize=1)
+def get_celery_app() -> Celery:
+    """The worker process's Celery app, on the environment's settings."""
+    return make_celery()
+
+
+def start_worker(argv: list[str]) -> None:
+    """The worker's edge: JSON logs with the running task's job id, then Celery's own main loop."""
+    install_celery_logging()
+    get_celery_app().worker_main(argv)

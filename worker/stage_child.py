@@ -20,7 +20,10 @@ import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worker.distill.errors import DistillError
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
@@ -39,7 +42,8 @@ def resolve_step(ref: str) -> Callable[..., Any]:
     target: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         target = getattr(target, part)
-    return target  # type: ignore[no-any-return]
+    step: Callable[..., Any] = target
+    return step
 
 
 def main(boot: dict[str, Any]) -> None:
@@ -83,7 +87,7 @@ def main(boot: dict[str, Any]) -> None:
         out.close()
 
 
-def _errors() -> type[Exception]:
+def _errors() -> type[DistillError]:
     from worker.distill.errors import DistillError
 
     return DistillError

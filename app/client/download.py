@@ -59,7 +59,7 @@ def download_artifact(t: Transport, url: str, path: Path, expected: Artifact) ->
 
 def _starts_at(response: httpx.Response, offset: int) -> bool:
     # "bytes 100-199/200": only append when the server really resumed where we stopped.
-    content_range = response.headers.get("Content-Range", "")
+    content_range: str = response.headers.get("Content-Range", "")
     return content_range.startswith(f"bytes {offset}-")
 
 

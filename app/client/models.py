@@ -39,6 +39,12 @@ class Job:
     error: dict[str, Any] | None
     config: dict[str, Any]
     metadata: dict[str, Any]
+    teacher_file_ids: list[str]
+    dataset_file_id: str
+    validation_file_id: str | None
+    student_init_file_id: str | None
+    attempts: int
+    max_runtime_s: int | None
     created_at: str
     updated_at: str
     timestamps: dict[str, str]
@@ -50,13 +56,18 @@ class Job:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Job:
+        # Field for field the server's `JobOut` (tests/app/test_config_mirror.py holds them equal).
         return cls(
             id=d["id"], status=d["status"], stage=d.get("stage"), progress=float(d.get("progress") or 0.0),
             epoch=d.get("epoch"), metrics=d.get("metrics") or {}, error=d.get("error"),
             config=d.get("config") or {}, metadata=d.get("metadata") or {},
+            teacher_file_ids=list(d.get("teacher_file_ids") or []),
+            dataset_file_id=d.get("dataset_file_id", ""), validation_file_id=d.get("validation_file_id"),
+            student_init_file_id=d.get("student_init_file_id"),
+            attempts=int(d.get("attempts") or 0), max_runtime_s=d.get("max_runtime_s"),
             created_at=d.get("created_at", ""), updated_at=d.get("updated_at", ""),
             timestamps=d.get("timestamps") or {}, raw=d,
-        )
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ class AsyncReadPool:
         except BaseException as exc:
             _fail(items, exc)
             raise
-        by_position = {row.ord: row for row in rows}
+        by_position = {getattr(row, "ord"): row for row in rows}  # noqa: B009 - a column named at run time
         for position, (_, _, future) in enumerate(items, 1):
             if not future.done():
                 future.set_result(by_position.get(position))
@@ -130,6 +130,7 @@ class AsyncReadPool:
             cursors = [conn.cursor(row_factory=namedtuple_row) for _ in batch]
             async with conn.pipeline():
                 for cursor, (sql, params, _) in zip(cursors, batch, strict=True):
+                    assert isinstance(sql, str)  # lookups went to _send_lookup
                     await cursor.execute(sql, params, prepare=True)
             rows = [await cursor.fetchone() for cursor in cursors]
         except psycopg.Error as exc:

@@ -5,8 +5,8 @@ from collections.abc import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.db.repository import keyset_page
 from app.files.models import File
-from app.paging import keyset_page
 
 
 def get_for_tenant(session: Session, tenant_id: str, file_id: str) -> File | None:

@@ -11,7 +11,6 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.from_thread
 import anyio.to_thread
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.base import new_id, utcnow
@@ -21,6 +20,7 @@ from app.files import repository
 from app.files.exceptions import FileInUse, FileNotFound, S3NotConfigured
 from app.files.models import PURPOSES, File
 from app.files.multipart import MultipartFileReader
+from app.jobs import repository as jobs_repository
 from app.jobs.models import Job
 from app.jobs.state import NON_TERMINAL
 from app.paging import split_page
@@ -178,8 +178,8 @@ def delete(session: Session, storage: Storage, tenant_id: str, file_id: str) -> 
 
 
 def _unfinished_jobs_using(session: Session, tenant_id: str, file_id: str) -> list[str]:
-    query = select(Job).where(Job.tenant_id == tenant_id, Job.status.in_(NON_TERMINAL))
-    return [job.id for job in session.scalars(query) if file_id in _input_ids(job)]
+    unfinished = jobs_repository.list_in_states_for_tenant(session, tenant_id, NON_TERMINAL)
+    return [job.id for job in unfinished if file_id in _input_ids(job)]
 
 
 def _input_ids(job: Job) -> Iterator[str]:

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from typing import cast as type_cast
 
 from sqlalchemy import (
     ARRAY,
+    Connection,
+    CursorResult,
     Row,
     Text,
     and_,
@@ -15,6 +19,7 @@ from sqlalchemy import (
     func,
     literal_column,
     null,
+    or_,
     select,
     update,
 )
@@ -22,11 +27,11 @@ from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.orm import Session
 
 from app.db.aio import Lookup
+from app.db.repository import keyset_page
 from app.db.session import Database
 from app.jobs.models import Artifact, Job, JobEvent
 from app.jobs.schemas import JobOut
 from app.jobs.state import STATES, TIMESTAMP_STATES
-from app.paging import keyset_page
 
 
 def get_for_tenant(session: Session, tenant_id: str, job_id: str) -> Job | None:
@@ -89,7 +94,7 @@ def _utc_text(column: Any) -> Any:
 # then decodes no jsonb and builds no model (about a fifth of its CPU). `test_read_pool` holds it equal to
 # `job_out`, field for field.
 _C = _JOBS.c
-_EMPTY = literal_column("'{}'::jsonb")
+_EMPTY: Any = literal_column("'{}'::jsonb")
 _JSON_FIELDS: dict[str, Any] = {
     "id": _C.id,
     "status": _C.status,
@@ -127,7 +132,8 @@ _KEYS = (
 _VIEW_JSON = select(
     _KEYS.c.ord, cast(func.json_build_object(*_pairs(_JSON_FIELDS)), Text).label("body")
 ).join_from(_KEYS, _JOBS, and_(_C.id == _KEYS.c.job_id, _C.tenant_id == _KEYS.c.tenant_id))
-_VIEW_JSON_LOOKUP = Lookup(str(_VIEW_JSON.compile(dialect=psycopg_dialect())), ("job_ids", "tenant_ids"))
+_PSYCOPG: Any = psycopg_dialect()  # type: ignore[no-untyped-call]  # SQLAlchemy's dialects are unannotated
+_VIEW_JSON_LOOKUP = Lookup(str(_VIEW_JSON.compile(dialect=_PSYCOPG)), ("job_ids", "tenant_ids"))
 
 
 async def get_json_for_tenant_async(db: Database, tenant_id: str, job_id: str) -> str | None:
@@ -165,12 +171,106 @@ def current_state(session: Session, job_id: str) -> tuple[str, int | None, str |
     return row.status, row.epoch, phase if isinstance(phase, str) else None
 
 
-def update_if_status(
-    session: Session, job_id: str, expected: str, values: dict[str, Any], *extra: Any
-) -> bool:
+def _set_if(session: Session, job_id: str, expected: str, values: dict[str, Any], *extra: Any) -> bool:
     """Compare-and-set: `UPDATE jobs SET ... WHERE id = :id AND status = :expected [AND extra]`."""
     stmt = update(Job).where(Job.id == job_id, Job.status == expected, *extra).values(**values)
-    return session.execute(stmt.execution_options(synchronize_session=False)).rowcount == 1
+    result = session.execute(stmt.execution_options(synchronize_session=False))
+    return type_cast(CursorResult[Any], result).rowcount == 1
+
+
+def set_if_status(session: Session, job_id: str, expected: str, values: dict[str, Any]) -> bool:
+    """`values` written only while the job is still in `expected` (a status change, progress)."""
+    return _set_if(session, job_id, expected, values)
+
+
+def take_lease(
+    session: Session, job_id: str, status: str, worker_id: str, until: datetime, now: datetime
+) -> bool:
+    """Take a running stage over (one more attempt) if its lease is free, expired or already this worker's."""
+    free = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now, Job.lease_owner == worker_id)
+    values = {
+        "lease_owner": worker_id,
+        "lease_expires_at": until,
+        "updated_at": now,
+        "attempts": Job.attempts + 1,
+    }
+    return _set_if(session, job_id, status, values, free)
+
+
+def extend_lease(session: Session, job_id: str, status: str, worker_id: str, until: datetime) -> bool:
+    """The heartbeat: only the lease's holder extends it, only while the job is in `status`."""
+    return _set_if(session, job_id, status, {"lease_expires_at": until}, Job.lease_owner == worker_id)
+
+
+def release_lease(session: Session, job_id: str, status: str, worker_id: str, values: dict[str, Any]) -> bool:
+    """The holder gives the lease up (the job waits for its next task), writing `values` with it."""
+    changes = {"lease_owner": None, "lease_expires_at": None, **values}
+    return _set_if(session, job_id, status, changes, Job.lease_owner == worker_id)
+
+
+def clear_expired_lease(session: Session, job_id: str, status: str, owner: str | None, now: datetime) -> bool:
+    """The reaper's take: clear a lease still `owner`'s and still expired (concurrent reapers act once)."""
+    values = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
+    return _set_if(session, job_id, status, values, Job.lease_owner == owner, Job.lease_expires_at < now)
+
+
+def touch_if_unchanged(
+    session: Session, job_id: str, status: str, updated_at: datetime, now: datetime
+) -> bool:
+    """Claim a stale job for one re-send: wins only if nobody touched the row since it was read."""
+    return _set_if(session, job_id, status, {"updated_at": now}, Job.updated_at == updated_at)
+
+
+def count_active_by_status(session: Session, tenant_id: str, states: Sequence[str]) -> dict[str, int]:
+    query = (
+        select(Job.status, func.count())
+        .where(Job.tenant_id == tenant_id, Job.status.in_(states))
+        .group_by(Job.status)
+    )
+    return {status: count for status, count in session.execute(query).all()}
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    """Every tenant's jobs by status (the metrics endpoint)."""
+    return {
+        status: count
+        for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+    }
+
+
+def recently_finished_stamps(
+    session: Session, states: Sequence[str], limit: int
+) -> list[tuple[datetime | None, ...]]:
+    """Each state's timestamp (in STATES order) of the newest finished jobs (the metrics' durations)."""
+    columns = [getattr(Job, f"{s}_at") for s in STATES]
+    query = select(*columns).where(Job.status.in_(states)).order_by(Job.updated_at.desc()).limit(limit)
+    return [tuple(row) for row in session.execute(query).all()]
+
+
+def running_metrics(session: Session, states: Sequence[str]) -> list[tuple[str, dict[str, Any] | None]]:
+    """`(status, metrics)` of every running job (the metrics endpoint's throughput gauges)."""
+    query = select(Job.status, Job.metrics).where(Job.status.in_(states))
+    return [(row.status, row.metrics) for row in session.execute(query).all()]
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    url: str | None
+    tenant_id: str
+    metadata: dict[str, Any] | None
+    error_code: str | None
+    error_message: str | None
+
+
+def webhook_target(connection: Connection, job_id: str) -> WebhookTarget | None:
+    """What a status webhook needs of its job, read on the flushing connection (inside a mapper event)."""
+    query = select(Job.webhook_url, Job.tenant_id, Job.metadata_, Job.error_code, Job.error_message)
+    row = connection.execute(query.where(Job.id == job_id)).first()
+    return None if row is None else WebhookTarget(*row)
+
+
+def list_in_states_for_tenant(session: Session, tenant_id: str, states: Sequence[str]) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.status.in_(states))))
 
 
 def next_event_seq(session: Session, job_id: str) -> int | None:

@@ -23,9 +23,9 @@ from app.jobs.schemas import (
 from app.jobs.state import STATES
 from app.limits import JobCaps
 from app.paging import MAX_LIMIT
+from app.receivers import private_allowed
 from app.storage.http import object_response
 from app.storage.s3 import S3Storage
-from app.webhooks.receivers import private_allowed
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -13,10 +13,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.jobs.models import Job
+from app.jobs import repository as jobs_repository
 from app.jobs.state import PIPELINE, RUNNING, STATES, TERMINAL
 
 log = logging.getLogger(__name__)
@@ -47,12 +46,9 @@ class JobCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         with self.sessions() as session:
-            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            columns = [getattr(Job, f"{s}_at") for s in STATES]
-            finished = session.execute(
-                select(*columns).where(Job.status.in_(TERMINAL)).order_by(Job.updated_at.desc())
-                .limit(DURATION_WINDOW)).all()
-            running = session.execute(select(Job.status, Job.metrics).where(Job.status.in_(RUNNING))).all()
+            counts = jobs_repository.count_by_status(session)
+            finished = jobs_repository.recently_finished_stamps(session, TERMINAL, DURATION_WINDOW)
+            running = jobs_repository.running_metrics(session, RUNNING)
 
         jobs = GaugeMetricFamily("distill_jobs", "Jobs in each state (all tenants).", labels=["state"])
         for state in STATES:
@@ -60,8 +56,8 @@ class JobCollector(Collector):
         yield jobs
 
         by_stage: dict[str, list[float]] = {s: [] for s in PIPELINE[:-1]}
-        for values in finished:
-            for stage, seconds in stage_durations(dict(zip(STATES, values, strict=True))):
+        for stamps in finished:
+            for stage, seconds in stage_durations(dict(zip(STATES, stamps, strict=True))):
                 by_stage[stage].append(seconds)
         durations = HistogramMetricFamily(
             "distill_stage_duration_seconds",

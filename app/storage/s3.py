@@ -206,9 +206,10 @@ class S3Storage(Storage):
         return size, sha
 
     def presigned_get(self, key: str, expires: int) -> str:
-        return self.client.generate_presigned_url(
+        url: str = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires
         )
+        return url
 
     def ping(self) -> None:
         try:

@@ -20,3 +20,8 @@ def list_keys(session: Session, tenant_id: str) -> list[ApiKey]:
     return list(
         session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at))
     )
+
+
+def lock(session: Session, tenant_id: str) -> None:
+    """Hold the tenant's row until commit: submissions of one tenant count its jobs one at a time."""
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())

@@ -3,7 +3,7 @@
 Events of one job go out one at a time and in order (a per-job queue), while different jobs proceed in
 parallel, so one slow receiver delays only its own job. Each attempt is written to the job's event log as a
 `webhook` event; a failed attempt is retried with exponential backoff up to `webhook_max_attempts`.
-Connections open only to addresses `app.webhooks.receivers` allows; a refused one is recorded, not retried.
+Connections open only to addresses `app.receivers` allows; a refused one is recorded, not retried.
 Deliveries live in memory: a process that dies mid-retry loses the rest, and the event log shows how far
 it got.
 """
@@ -24,8 +24,9 @@ import httpx
 
 from app.config import Settings, get_settings
 from app.db.session import Database, session_scope
+from app.jobs import lifecycle
 from app.observability.logging import bind_job
-from app.webhooks.receivers import ReceiverBlocked, guarded_transport, private_allowed
+from app.receivers import ReceiverBlocked, guarded_transport, private_allowed
 from app.webhooks.signing import HEADER, WebhooksNotConfigured, sign, tenant_secret
 
 log = logging.getLogger("distill.webhooks")
@@ -138,8 +139,6 @@ class Dispatcher:
         retry_in: float | None,
         seconds: float,
     ) -> None:
-        from app.jobs.service import add_event  # the jobs package imports this one's hook
-
         data = {
             "event_id": d.event["id"],
             "event_seq": d.event["data"]["seq"],
@@ -160,11 +159,11 @@ class Dispatcher:
             extra={"webhook": data},
         )
         with session_scope(self.db) as session:
-            add_event(session, d.job_id, "webhook", data)
+            lifecycle.record_event(session, d.job_id, "webhook", data)
 
 
 def _blocked(url: str) -> str | None:
-    """Only http(s) URLs; where they may connect is the transport's check (`app.webhooks.receivers`)."""
+    """Only http(s) URLs; where they may connect is the transport's check (`app.receivers`)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "blocked: only http(s) URLs"

@@ -1,20 +1,23 @@
-"""Turns each `status` event the jobs service writes into a webhook delivery, scheduled after commit.
+"""Turns each `status` event `app.jobs.lifecycle` writes into a webhook delivery, scheduled after commit.
 
 Listening on the event row's insert (rather than editing every transition) catches all of them, from the
 API (queued, cancelled) and from workers alike; `after commit` means a rolled-back transition sends nothing.
+Nothing happens on import: each edge that wants deliveries calls `install()` (`create_app`, through
+`install_webhooks`, and the worker's context).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, object_session
 
 from app.db.base import utcnow
 from app.db.session import on_commit
-from app.jobs.models import Job, JobEvent
+from app.jobs import repository
+from app.jobs.models import JobEvent
 from app.webhooks.dispatcher import Delivery, get_dispatcher
 
 EVENT_TYPE = "job.status_changed"
@@ -23,12 +26,16 @@ EVENT_TYPE = "job.status_changed"
 def _on_event_insert(_mapper: Mapper[Any], connection: Connection, target: JobEvent) -> None:
     if target.kind != "status":
         return
-    row = connection.execute(
-        select(Job.webhook_url, Job.tenant_id, Job.metadata_, Job.error_code, Job.error_message)
-        .where(Job.id == target.job_id)).first()
-    if row is None or not row[0]:
+    job = repository.webhook_target(connection, target.job_id)
+    if job is None or not job.url:
         return
-    url, tenant_id, metadata, error_code, error_message = row
+    url, tenant_id, metadata, error_code, error_message = (
+        job.url,
+        job.tenant_id,
+        job.metadata,
+        job.error_code,
+        job.error_message,
+    )
     data = target.data or {}
     status = data.get("to")
     created = target.created_at or utcnow()
@@ -49,8 +56,6 @@ def _on_event_insert(_mapper: Mapper[Any], connection: Connection, target: JobEv
 
 
 def install() -> None:
+    """Subscribe this process's job events to webhook deliveries (idempotent)."""
     if not event.contains(JobEvent, "after_insert", _on_event_insert):
         event.listen(JobEvent, "after_insert", _on_event_insert)
-
-
-install()

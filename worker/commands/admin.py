@@ -9,7 +9,7 @@ import typer
 admin = typer.Typer(no_args_is_help=True, help="Operator commands: API keys and tenants.")
 
 
-def _database():  # type: ignore[no-untyped-def]
+def _database():  # returns a Database; imported lazily
     from app.config import get_settings
     from app.db import Database
 

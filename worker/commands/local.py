@@ -45,7 +45,9 @@ class _Progress:
     """One tqdm bar on stderr, restarted for each stage."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled, self.bar, self.stage = enabled, None, None
+        self.enabled = enabled
+        self.bar: Any = None  # a tqdm bar (tqdm has no type information)
+        self.stage: str | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
         if not self.enabled:

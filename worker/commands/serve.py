@@ -101,9 +101,9 @@ def worker(
     if check_sandbox or not ok:
         # Fail closed: a worker that cannot sandbox user models does not take jobs at all.
         raise typer.Exit(0 if ok else 1)
-    from worker.celery_app import celery_app
+    from worker.celery_app import start_worker
 
-    celery_app.worker_main(worker_argv(queues, concurrency, pool, loglevel))
+    start_worker(worker_argv(queues, concurrency, pool, loglevel))
 
 
 def sandbox_ready() -> bool:

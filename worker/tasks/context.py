@@ -14,6 +14,7 @@ from celery import Celery
 from app.config import Settings, get_settings
 from app.db import Database
 from app.storage import Storage, build_storage
+from app.webhooks import hooks
 from worker.sandbox import Sandbox
 
 
@@ -39,10 +40,12 @@ _context: WorkerContext | None = None
 def get_context() -> WorkerContext:
     """Built on first use inside the worker process (after any pool fork), then shared by its tasks."""
     global _context
-    from worker.celery_app import celery_app
+    from worker.celery_app import get_celery_app
 
     with _lock:
         if _context is None:
+            # The worker's edge: its status changes reach the jobs' webhooks, as the API's do.
+            hooks.install()
             settings = get_settings()
             scratch = (settings.data_dir / "scratch").resolve()
             scratch.mkdir(parents=True, exist_ok=True)
@@ -52,7 +55,7 @@ def get_context() -> WorkerContext:
                 storage=build_storage(settings, for_worker=True),
                 worker_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
                 scratch_root=scratch,
-                celery=celery_app,
+                celery=get_celery_app(),
                 sandbox=sandbox_from(settings),
             )
         return _context

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.files.models import File
 from app.files.service import storage_for
-from app.jobs.service import JobInputs
+from app.jobs.lifecycle import JobInputs
 from app.storage import Storage
 from worker.tasks.workspace import fetch, safe_filename
 
@@ -28,11 +29,11 @@ class InputFile:
 def describe(storage: Storage, job_inputs: JobInputs) -> list[InputFile]:
     files: list[InputFile] = []
     many = len(job_inputs.teachers) > 1
-    for i, file in enumerate(job_inputs.teachers):
-        name = safe_filename(file.filename, "teacher")
+    for i, teacher in enumerate(job_inputs.teachers):
+        name = safe_filename(teacher.filename, "teacher")
         name = f"{i:02d}-{name}" if many else name
-        files.append(InputFile("teacher", name, storage_for(storage, file), file.key, file.sha256))
-    slots = (
+        files.append(InputFile("teacher", name, storage_for(storage, teacher), teacher.key, teacher.sha256))
+    slots: tuple[tuple[str, File | None], ...] = (
         ("dataset", job_inputs.dataset),
         ("validation", job_inputs.validation),
         ("student_init", job_inputs.student_init),

@@ -1,34 +1,35 @@
-"""The two Celery tasks. Each takes a job id, wins the job row, then supervises the core in a child process.
+"""The two Celery tasks. Each takes a job id, claims its stage, supervises the core in a sandboxed child, and
+ends the attempt in exactly one way, through `app.jobs.lifecycle`.
 
-`distill.soft_label`: preflight + soft labels; on success it releases the job and enqueues `distill.distill`
+`distill.soft_label`: preflight + soft labels; on success it hands the job on and enqueues `distill.distill`
 after its commit. `distill.distill`: training, evaluation, export, artifact upload, success.
 
-A task acts only after `claim_stage` (a compare-and-set on the row) succeeds, so a second delivery of the
-same message is a no-op; a task whose previous holder was lost takes the stage over (its lease expired)
-and the stage resumes from what the work folder or the object store already holds.
+A task acts only after `lifecycle.claim` (a compare-and-set on the row) succeeds, so a second delivery of the
+same message is a no-op; a task whose previous holder was lost takes the stage over (its lease expired) and
+the stage resumes from what the work folder or the object store already holds. Tasks are registered on a
+Celery app by `register` (the worker's edge calls it), not on import.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from celery import Celery
 from celery.signals import worker_shutting_down
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.db import on_commit, session_scope
-from app.jobs import repository, service
-from app.jobs.models import Job
+from app.jobs import lifecycle
 from app.jobs.state import RUNNING
 from app.queue import STAGE_TASKS, TASK_DISTILL, TASK_SOFT_LABEL
 from app.storage import keys
 from app.storage.exceptions import ObjectNotFound, StorageUnavailable
-from worker.celery_app import celery_app
 from worker.distill.errors import DistillError
 from worker.distill.summary import headline
 from worker.sandbox import SandboxUnavailable
@@ -41,7 +42,6 @@ from worker.tasks.workspace import WorkMirror, clear
 MAX_REPORT_BYTES = 4 << 20
 
 log = logging.getLogger(__name__)
-RETRY_BACKOFF_S = (5, 30, 120)
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,17 @@ class Claim:
     files: list[inputs.InputFile]
 
 
+@dataclass(frozen=True)
+class Ending:
+    """How an attempt that did not succeed ends: `fail` the job, `retry` the stage later (a lost attempt),
+    hand it back at once after a warm `shutdown`, or stop for a `cancelled` job or one past its `timeout`.
+    `ignore`: this worker lost the job (its lease went to another); nothing of it is written."""
+
+    kind: str  # fail | retry | shutdown | cancelled | timeout | ignore
+    code: str | None = None
+    message: str = ""
+
+
 # The database or the store being briefly away is not the job's fault: the task is re-sent with back-off
 # (a retry takes its own lease back, or finds the job already moved on).
 RETRY_OPTIONS: dict[str, Any] = {
@@ -67,19 +78,23 @@ RETRY_OPTIONS: dict[str, Any] = {
 }
 
 
-@celery_app.task(name=TASK_SOFT_LABEL, **RETRY_OPTIONS)
 def soft_label(job_id: str) -> None:
     run_soft_label(get_context(), job_id)
 
 
-@celery_app.task(name=TASK_DISTILL, **RETRY_OPTIONS)
 def distill(job_id: str) -> None:
     run_distill(get_context(), job_id)
 
 
-@worker_shutting_down.connect
 def _on_shutdown(**_: Any) -> None:
     shutting_down.set()
+
+
+def register(celery: Celery) -> None:
+    """The two tasks on `celery`, and the warm-shutdown flag on the worker's shutdown signal."""
+    celery.task(name=TASK_SOFT_LABEL, **RETRY_OPTIONS)(soft_label)
+    celery.task(name=TASK_DISTILL, **RETRY_OPTIONS)(distill)
+    worker_shutting_down.connect(_on_shutdown, weak=False, dispatch_uid="distill-shutdown")
 
 
 def run_soft_label(ctx: WorkerContext, job_id: str) -> None:
@@ -89,9 +104,8 @@ def run_soft_label(ctx: WorkerContext, job_id: str) -> None:
 
 
 def run_distill(ctx: WorkerContext, job_id: str) -> None:
-    claim = claim_job(
-        ctx, job_id, ("soft_labeling", "distilling"), resumable=("distilling", "evaluating", "exporting")
-    )
+    resumable = ("distilling", "evaluating", "exporting")
+    claim = claim_job(ctx, job_id, ("soft_labeling", "distilling"), resumable=resumable)
     if claim is not None:
         run_claimed(ctx, claim, "distill", steps.DISTILL_STEPS, _publish_and_succeed)
 
@@ -100,27 +114,18 @@ def claim_job(
     ctx: WorkerContext, job_id: str, first: tuple[str, str], resumable: tuple[str, ...]
 ) -> Claim | None:
     """Win the row for this stage, or take over a stage whose worker was lost; None: nothing to do here."""
-    lease_s = ctx.settings.worker_lease_s
     with session_scope(ctx.db) as session:
-        job = service.claim_stage(session, job_id, *first, ctx.worker_id, lease_s=lease_s)
+        job = lifecycle.claim(
+            session,
+            job_id,
+            ctx.worker_id,
+            first=first,
+            resumable=resumable,
+            lease_s=ctx.settings.worker_lease_s,
+        )
         if job is None:
-            current = service.get_job_for_worker(session, job_id)
-            if current is None or current.status not in resumable:
-                return None  # finished, cancelled, or already past this stage: a duplicate delivery
-            job = service.claim_stage(
-                session, job_id, current.status, current.status, ctx.worker_id, lease_s=lease_s
-            )
-            if job is None:
-                return None  # another live worker holds the lease
-            if job.attempts > job.max_attempts:
-                service.fail_job(
-                    session,
-                    job_id,
-                    "worker_lost",
-                    f"the worker running this job was lost {job.attempts - 1} times; giving up",
-                )
-                return None
-        files = inputs.describe(ctx.storage, service.job_inputs(session, job))
+            return None
+        files = inputs.describe(ctx.storage, lifecycle.job_inputs(session, job))
         return Claim(
             job.id,
             job.tenant_id,
@@ -137,9 +142,11 @@ def run_claimed(
     ctx: WorkerContext,
     claim: Claim,
     stage: str,
-    stage_steps: list[tuple[str, Step]],
+    stage_steps: Sequence[tuple[str, Step]],
     on_success: Callable[[WorkerContext, Claim], None],
 ) -> None:
+    """Fetch the inputs, run the steps in the sandboxed child, publish: or end the attempt as `ending_of`
+    says, which is the whole table of what can go wrong."""
     work = ctx.work_dir(claim.job_id)
     mirror = WorkMirror(ctx.storage, claim.tenant_id, claim.job_id, work)
     watch = StageWatch(ctx, claim.job_id, claim.status, mirror)
@@ -159,60 +166,86 @@ def run_claimed(
             watch.drain()
             mirror.push()
             on_success(ctx, claim)
-    except DistillError as exc:
-        _fail(ctx, claim, exc.code, exc.message, work)
-    except StageError as exc:
-        log.error("job %s: stage %s failed: %s\n%s", claim.job_id, stage, exc.message, exc.detail)
-        _fail(ctx, claim, exc.code, exc.message, work)
-    except ObjectNotFound:
-        _fail(ctx, claim, "input_missing", "an input file of this job no longer exists in storage", work)
-    except StageStopped as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure becomes exactly one ending below
+        ending = ending_of(exc, claim)
+        log_ending(claim, stage, ending, exc)
+        end_attempt(ctx, claim, stage, ending, watch, mirror)
+
+
+def ending_of(exc: Exception, claim: Claim) -> Ending:
+    """What a failure means for the job: its fault (fail), this attempt's (retry), or a stop we asked for."""
+    if isinstance(exc, DistillError):
+        return Ending("fail", exc.code, exc.message)
+    if isinstance(exc, StageError):
+        return Ending("fail", exc.code, exc.message)
+    if isinstance(exc, ObjectNotFound):
+        return Ending("fail", "input_missing", "an input file of this job no longer exists in storage")
+    if isinstance(exc, StageStopped):
+        if exc.reason == "timeout":
+            return Ending(
+                "timeout", "timeout", f"the job ran past its max_runtime_s of {claim.max_runtime_s} s"
+            )
+        if exc.reason in ("shutdown", "cancelled"):
+            return Ending(exc.reason, message="the worker shut down; the stage resumes on another worker")
+        return Ending("ignore", message=exc.reason)
+    if isinstance(exc, StageCrashed):
+        return Ending("retry", exc.code, exc.message)
+    if isinstance(exc, SandboxUnavailable):
+        # Fail closed: the user's model never runs unconfined. The job is not at fault; a worker whose
+        # sandbox works can take it on the next attempt.
+        return Ending("retry", "sandbox_unavailable", f"this worker cannot sandbox user models: {exc}")
+    # Storage or database trouble on our side: this attempt is lost, not the job.
+    return Ending("retry", "worker_error", f"{type(exc).__name__}: {exc}")
+
+
+def log_ending(claim: Claim, stage: str, ending: Ending, exc: Exception) -> None:
+    if isinstance(exc, StageStopped):
         log.info(
-            "job %s: stage %s stopped (%s; child exit status %s)",
+            "job %s: stage %s stopped (%s), child exit status %s",
             claim.job_id,
             stage,
             exc.reason,
             exc.exitcode,
         )
-        if exc.reason == "shutdown":
-            # The child checkpointed on its way out: that checkpoint must reach the store before the job
-            # is handed back, or the next worker resumes from an older epoch (or from scratch).
-            watch.drain()
-            with watch.heartbeat():
-                mirror.push()
-            _attempt_over(
-                ctx, claim, stage, None, "the worker shut down; the stage resumes on another worker"
-            )
-        elif exc.reason == "cancelled":
-            if partial.wants_partial(ctx, claim.job_id):
-                partial.keep_partial_student(ctx, claim.tenant_id, claim.job_id, claim.config, work)
-            clear(work)
-        elif exc.reason == "timeout":
+    elif isinstance(exc, StageError):
+        log.error("job %s: stage %s failed: %s\n%s", claim.job_id, stage, exc.message, exc.detail)
+    elif ending.kind == "retry" and ending.code == "worker_error":
+        log.error("job %s: stage %s: worker error", claim.job_id, stage, exc_info=exc)
+    elif ending.kind == "retry":
+        log.warning("job %s: stage %s not finished: %s", claim.job_id, stage, ending.message)
+
+
+def end_attempt(
+    ctx: WorkerContext, claim: Claim, stage: str, ending: Ending, watch: StageWatch, mirror: WorkMirror
+) -> None:
+    work = ctx.work_dir(claim.job_id)
+    if ending.kind == "fail":
+        _fail(ctx, claim, ending, work)
+    elif ending.kind == "timeout":
+        partial.keep_partial_student(ctx, claim.tenant_id, claim.job_id, claim.config, work)
+        _fail(ctx, claim, ending, work)
+    elif ending.kind == "cancelled":
+        if partial.wants_partial(ctx, claim.job_id):
             partial.keep_partial_student(ctx, claim.tenant_id, claim.job_id, claim.config, work)
-            message = f"the job ran past its max_runtime_s of {claim.max_runtime_s} s"
-            _fail(ctx, claim, "timeout", message, work)
-    except StageCrashed as exc:
-        log.warning("job %s: stage %s crashed: %s", claim.job_id, stage, exc.message)
-        _attempt_over(ctx, claim, stage, exc.code, exc.message)
-    except SandboxUnavailable as exc:
-        # Fail closed: the user's model never runs unconfined. The job is not at fault; a worker whose
-        # sandbox works can take it on the next attempt.
-        log.error("job %s: stage %s not run: %s", claim.job_id, stage, exc)
-        _attempt_over(
-            ctx, claim, stage, "sandbox_unavailable", f"this worker cannot sandbox user models: {exc}"
-        )
-    except Exception as exc:  # storage or database trouble on our side: this attempt is lost, not the job
-        log.exception("job %s: stage %s: worker error", claim.job_id, stage)
-        _attempt_over(ctx, claim, stage, "worker_error", f"{type(exc).__name__}: {exc}")
+        clear(work)
+    elif ending.kind == "shutdown":
+        # The child checkpointed on its way out: that checkpoint must reach the store before the job is
+        # handed back, or the next worker resumes from an older epoch (or from scratch).
+        watch.drain()
+        with watch.heartbeat():
+            mirror.push()
+        _retry(ctx, claim, stage, None, ending.message)
+    elif ending.kind == "retry":
+        _retry(ctx, claim, stage, ending.code, ending.message)
 
 
 def _hand_to_distill(ctx: WorkerContext, claim: Claim) -> None:
     manifest = ctx.work_dir(claim.job_id) / "soft_labels" / "manifest.json"
     uploaded = [_upload(ctx, claim, "soft_labels_manifest.json", manifest)] if manifest.is_file() else []
     with session_scope(ctx.db) as session:
-        # Released, not finished: the job waits (soft_labeling, progress 1) for a worker of the distill queue.
-        # Recorded only with the release, in its transaction: a job cancelled meanwhile gets no artifact.
-        if _release(session, claim, ctx.worker_id, {"progress": 1.0}):
+        # Handed on, not finished: the job waits (soft_labeling, progress 1) for a distill-queue worker.
+        # Recorded only with the hand-over, in its transaction: a job cancelled meanwhile gets no artifact.
+        if lifecycle.hand_back(session, claim.job_id, ctx.worker_id, {"progress": 1.0}):
             _record(session, claim, uploaded)
             on_commit(session, lambda: _enqueue(ctx, "distill", claim.job_id))
         else:
@@ -229,7 +262,7 @@ def _publish_and_succeed(ctx: WorkerContext, claim: Claim) -> None:
     ]
     with session_scope(ctx.db) as session:
         # Recorded only with the success, in its transaction: a job cancelled meanwhile shows no student.
-        if service.finish_job(session, claim.job_id, _final_metrics(out / "report.json")):
+        if lifecycle.finish_job(session, claim.job_id, _final_metrics(out / "report.json")):
             _record(session, claim, uploaded)
             on_commit(session, lambda: clear(ctx.work_dir(claim.job_id)))
         else:
@@ -239,7 +272,7 @@ def _publish_and_succeed(ctx: WorkerContext, claim: Claim) -> None:
 def _clear_if_over(session: Session, ctx: WorkerContext, claim: Claim) -> None:
     """The job moved on without us (cancelled or failed while the outputs uploaded): drop the scratch copy.
     The uploaded objects stay unreferenced under the job's prefix (its keys are shared with any other run)."""
-    job = service.get_job_for_worker(session, claim.job_id)
+    job = lifecycle.get_job_for_worker(session, claim.job_id)
     if job is None or job.status not in RUNNING:
         on_commit(session, lambda: clear(ctx.work_dir(claim.job_id)))
 
@@ -265,47 +298,22 @@ def _upload(ctx: WorkerContext, claim: Claim, name: str, path: Path) -> tuple[st
 def _record(session: Session, claim: Claim, uploaded: list[tuple[str, str, int, str]]) -> None:
     for name, key, size, sha in uploaded:
         content_type = "application/json" if name.endswith(".json") else "application/octet-stream"
-        service.add_artifact(session, claim.job_id, name, key, size, sha, content_type)
+        lifecycle.add_artifact(session, claim.job_id, name, key, size, sha, content_type)
 
 
-def _fail(ctx: WorkerContext, claim: Claim, code: str, message: str, work: Path) -> None:
+def _fail(ctx: WorkerContext, claim: Claim, ending: Ending, work: Path) -> None:
+    assert ending.code is not None
     with session_scope(ctx.db) as session:
-        service.fail_job(session, claim.job_id, code, message)
+        lifecycle.fail_job(session, claim.job_id, ending.code, ending.message)
     clear(work)
 
 
-def _attempt_over(ctx: WorkerContext, claim: Claim, stage: str, code: str | None, message: str) -> None:
+def _retry(ctx: WorkerContext, claim: Claim, stage: str, code: str | None, message: str) -> None:
     """This attempt ended without a verdict on the job: retry the stage later, or give up after the last."""
     with session_scope(ctx.db) as session:
-        job = service.get_job_for_worker(session, claim.job_id)
-        if job is None or job.status not in RUNNING or job.lease_owner != ctx.worker_id:
-            return
-        if code is not None and job.attempts >= job.max_attempts:
-            service.fail_job(
-                session, claim.job_id, code, f"{message} (attempt {job.attempts} of {job.max_attempts})"
-            )
-            return
-        if code is not None:
-            service.add_event(
-                session,
-                claim.job_id,
-                "attempt_failed",
-                {"stage": job.status, "attempt": job.attempts, "code": code, "message": message},
-            )
-        if _release(session, claim, ctx.worker_id):
-            delay = 0 if code is None else RETRY_BACKOFF_S[min(job.attempts, len(RETRY_BACKOFF_S)) - 1]
+        delay = lifecycle.end_attempt(session, claim.job_id, ctx.worker_id, code, message)
+        if delay is not None:
             on_commit(session, lambda: _enqueue(ctx, stage, claim.job_id, countdown=delay))
-
-
-def _release(session: Session, claim: Claim, worker_id: str, values: dict[str, Any] | None = None) -> bool:
-    """Give up the lease on a still-running job so the next task can claim it at once."""
-    job = service.get_job_for_worker(session, claim.job_id)
-    if job is None or job.status not in RUNNING:
-        return False
-    changes = {"lease_owner": None, "lease_expires_at": None, **(values or {})}
-    return repository.update_if_status(
-        session, claim.job_id, job.status, changes, Job.lease_owner == worker_id
-    )
 
 
 def _enqueue(ctx: WorkerContext, stage: str, job_id: str, countdown: float = 0) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from app.db import session_scope
-from app.jobs import service
+from app.jobs import lifecycle
 from app.storage import keys
 from worker.supervisor import run_steps
 from worker.tasks import steps
@@ -48,12 +48,12 @@ def _keep(ctx: WorkerContext, tenant_id: str, job_id: str, config: dict[str, Any
     key = keys.artifact_key(tenant_id, job_id, name)
     size, sha = ctx.storage.upload_from(work / "partial" / name, key)
     with session_scope(ctx.db) as session:
-        service.add_artifact(session, job_id, name, key, size, sha, "application/octet-stream")
+        lifecycle.add_artifact(session, job_id, name, key, size, sha, "application/octet-stream")
     log.info("job %s: kept %s (%d bytes)", job_id, name, size)
     return True
 
 
 def wants_partial(ctx: WorkerContext, job_id: str) -> bool:
     with session_scope(ctx.db) as session:
-        job = service.get_job_for_worker(session, job_id)
+        job = lifecycle.get_job_for_worker(session, job_id)
         return job is not None and job.status == "cancelled" and bool(job.keep_partial)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.db import database_unavailable, session_scope
 from app.db.base import utcnow
-from app.jobs import service
+from app.jobs import lifecycle
 from app.jobs.state import PIPELINE
 from worker.tasks.context import WorkerContext
 from worker.tasks.workspace import WorkMirror
@@ -116,7 +116,7 @@ class StageWatch:
             while not done.wait(every):
                 try:
                     with session_scope(self.ctx.db) as session:
-                        if not service.renew_lease(
+                        if not lifecycle.renew_lease(
                             session, self.job_id, self.ctx.worker_id, lease_s=self.ctx.settings.worker_lease_s
                         ):
                             return
@@ -190,7 +190,7 @@ class StageWatch:
         old = self.status
         lease_s = self.ctx.settings.worker_lease_s
         job = self._db(
-            lambda session: service.claim_stage(
+            lambda session: lifecycle.claim_stage(
                 session, self.job_id, old, new, self.ctx.worker_id, lease_s=lease_s
             )
         )
@@ -206,7 +206,7 @@ class StageWatch:
         if self.lost:
             return True
         return (
-            self._db(lambda session: service.add_event(session, self.job_id, "step_started", data))
+            self._db(lambda session: lifecycle.add_event(session, self.job_id, "step_started", data))
             is not _AWAY
         )
 
@@ -215,7 +215,7 @@ class StageWatch:
         metrics = {"stage": event.get("stage"), **metrics} if event.get("stage") else metrics
         progress, epoch = float(event.get("progress") or 0.0), event.get("epoch")
         running = self._db(
-            lambda session: service.record_progress(session, self.job_id, progress, epoch, metrics)
+            lambda session: lifecycle.record_progress(session, self.job_id, progress, epoch, metrics)
         )
         if running is _AWAY:
             return False
@@ -233,7 +233,8 @@ class StageWatch:
         checked = self._db(self._check)
         if checked is _AWAY:
             return None  # computing on; the first renewal after the outage decides
-        job, renewed = checked  # type: ignore[misc]
+        assert isinstance(checked, tuple)
+        job, renewed = checked
         if renewed is False:
             return "lease_lost"
         status = None if job is None else job.status
@@ -247,10 +248,10 @@ class StageWatch:
 
     def _check(self, session: Session) -> tuple[Any, bool | None]:
         """The job row (None if gone) and, when a renewal was due, whether the lease was renewed."""
-        job = service.get_job_for_worker(session, self.job_id)
+        job = lifecycle.get_job_for_worker(session, self.job_id)
         renewed = None
         if job is not None and job.status == self.status and time.monotonic() >= self._next_renew:
-            renewed = service.renew_lease(
+            renewed = lifecycle.renew_lease(
                 session, self.job_id, self.ctx.worker_id, lease_s=self.ctx.settings.worker_lease_s
             )
             if renewed:

@@ -1,0 +1,358 @@
+"""The one owner of a job's moves and of its attempts on workers.
+
+Every change of a job's status, lease or progress goes through a function here, named for the move: the API
+creates and cancels (`record_event` for `queued`, `cancel`); a worker's task claims a stage (`claim`), moves
+between the steps of its stage (`claim_stage`), keeps its lease (`renew_lease`), reports (`record_progress`,
+`record_event`), records its outputs (`add_artifact`), and ends its attempt in exactly one way: hands the job
+on or back (`hand_back`), finishes it (`finish_job`), fails it (`fail_job`), or gives the attempt up to be
+retried (`end_attempt`). The reaper clears lost workers' leases and re-sends lost messages (`reap`).
+
+Each move is a compare-and-set on the row through `app.jobs.repository` (no SQL here) and writes its event;
+the transition table is `app.jobs.state`. Functions flush; the caller's edge commits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.db.base import utcnow
+from app.files import repository as files_repository
+from app.files.models import File
+from app.jobs import repository
+from app.jobs.exceptions import JobNotFound
+from app.jobs.models import Artifact, Job, JobEvent
+from app.jobs.state import RUNNING, check_transition, is_terminal, timestamp_column
+
+DEFAULT_LEASE_S = 120
+MAX_MESSAGE_CHARS = 4000
+RETRY_BACKOFF_S = (5, 30, 120)  # after a failed attempt 1, 2, 3+
+
+
+# ---- the state machine's one writer ---------------------------------------------------------------------
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    new: str,
+    *,
+    expected: str | None = None,
+    values: dict[str, Any] | None = None,
+    event: dict[str, Any] | None = None,
+    clear_lease: bool = False,
+) -> bool:
+    """Move the job to `new` if the machine allows it from its current state (or only from `expected`).
+
+    Compare-and-set on the status read just before, retried if another writer moved it in between; stamps
+    `<state>_at` and writes a `status` event. False when the job is missing, terminal, or not in `expected`.
+    """
+    for _ in range(5):
+        state = repository.current_state(session, job_id)
+        if state is None:
+            return False
+        current = state[0]
+        if (expected is not None and current != expected) or is_terminal(current):
+            return False
+        check_transition(current, new)
+        now = utcnow()
+        changes: dict[str, Any] = {
+            "status": new,
+            timestamp_column(new): now,
+            "updated_at": now,
+            **(values or {}),
+        }
+        if new in RUNNING:
+            changes.update(stage=new, progress=0.0)
+        if clear_lease:
+            changes.update(lease_owner=None, lease_expires_at=None)
+        if repository.set_if_status(session, job_id, current, changes):
+            record_event(session, job_id, "status", {"from": current, "to": new, **(event or {})})
+            return True
+    return False
+
+
+def cancel(session: Session, job_id: str, *, keep_partial: bool) -> bool:
+    """The user's cancel: the row is the truth, so a worker notices at its next claim or report.
+    `keep_partial`: the worker that stops the stage uploads the last student checkpoint first."""
+    event = {"by": "user", "keep_partial": keep_partial}
+    return transition(
+        session, job_id, "cancelled", values={"keep_partial": keep_partial}, event=event, clear_lease=True
+    )
+
+
+# ---- an attempt: claim, keep, report -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    teachers: list[File]
+    dataset: File
+    validation: File | None
+    student_init: File | None
+
+
+def get_job_for_worker(session: Session, job_id: str) -> Job | None:
+    return repository.get(session, job_id, fresh=True)
+
+
+def job_inputs(session: Session, job: Job) -> JobInputs:
+    """The job's input files in slot order (rows only; `app.files.service.storage_for` finds their store)."""
+    ids = [*job.teacher_file_ids, job.dataset_file_id, job.validation_file_id, job.student_init_file_id]
+    files = files_repository.get_many(session, [i for i in ids if i])
+    return JobInputs(
+        teachers=[files[i] for i in job.teacher_file_ids],
+        dataset=files[job.dataset_file_id],
+        validation=files.get(job.validation_file_id) if job.validation_file_id else None,
+        student_init=files.get(job.student_init_file_id) if job.student_init_file_id else None,
+    )
+
+
+def claim(
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    *,
+    first: tuple[str, str],
+    resumable: tuple[str, ...],
+    lease_s: int = DEFAULT_LEASE_S,
+) -> Job | None:
+    """A task's attempt at its stage: enter it (`first`: expected -> new), or take over a stage in one of
+    the `resumable` states whose worker was lost. None: nothing to do here (a duplicate delivery, a job that
+    moved on or finished, another live worker holding it, or the last attempt spent: then the job fails
+    with `worker_lost`)."""
+    job = claim_stage(session, job_id, *first, worker_id, lease_s=lease_s)
+    if job is not None:
+        return job
+    current = get_job_for_worker(session, job_id)
+    if current is None or current.status not in resumable:
+        return None
+    job = claim_stage(session, job_id, current.status, current.status, worker_id, lease_s=lease_s)
+    if job is None:
+        return None
+    if job.attempts > job.max_attempts:
+        lost = job.attempts - 1
+        fail_job(
+            session, job_id, "worker_lost", f"the worker running this job was lost {lost} times; giving up"
+        )
+        return None
+    return job
+
+
+def claim_stage(
+    session: Session, job_id: str, expected: str, new: str, worker_id: str, *, lease_s: int = DEFAULT_LEASE_S
+) -> Job | None:
+    """Compare-and-set `expected -> new` and take the lease; None if another delivery got there first.
+
+    `expected == new` (a running stage) takes over a stage whose lease expired or that this worker
+    already holds: a retry after a lost worker. It counts an attempt and writes a `resumed` event.
+    """
+    now = utcnow()
+    until = now + timedelta(seconds=lease_s)
+    if expected == new:
+        if new not in RUNNING:
+            raise ValueError(f"only a running stage can be resumed, not {new!r}")
+        if not repository.take_lease(session, job_id, expected, worker_id, until, now):
+            return None
+        job = _refresh(session, job_id)
+        record_event(
+            session, job_id, "resumed", {"stage": new, "worker_id": worker_id, "attempt": job.attempts}
+        )
+        return job
+    check_transition(expected, new)
+    if new not in RUNNING:
+        raise ValueError(f"claim_stage enters running stages only, not {new!r}; use finish_job / fail_job")
+    lease: dict[str, Any] = {"lease_owner": worker_id, "lease_expires_at": until, "updated_at": now}
+    if expected == "queued":
+        lease["attempts"] = Job.attempts + 1
+    if not transition(session, job_id, new, expected=expected, values=lease, event={"worker_id": worker_id}):
+        return None
+    return _refresh(session, job_id)
+
+
+def renew_lease(session: Session, job_id: str, worker_id: str, *, lease_s: int = DEFAULT_LEASE_S) -> bool:
+    """Heartbeat: extend the lease while this worker still holds a running job. False: stop working."""
+    state = repository.current_state(session, job_id)
+    if state is None or state[0] not in RUNNING:
+        return False
+    until = utcnow() + timedelta(seconds=lease_s)
+    return repository.extend_lease(session, job_id, state[0], worker_id, until)
+
+
+def record_progress(
+    session: Session, job_id: str, progress: float, epoch: int | None, metrics: dict[str, Any] | None
+) -> bool:
+    """Store the latest progress (0..1), epoch and metrics; returns False once the job is no longer running
+    (cancelled, failed), which tells the worker to stop. A new epoch also writes an `epoch` event."""
+    state = repository.current_state(session, job_id)
+    if state is None or state[0] not in RUNNING:
+        return False
+    status, last_epoch, last_phase = state
+    clean_metrics = json_safe(metrics or {})
+    progress = min(1.0, max(0.0, progress)) if math.isfinite(progress) else 0.0
+    changes: dict[str, Any] = {"progress": progress, "epoch": epoch, "updated_at": utcnow()}
+    if metrics is not None:
+        changes["metrics"] = clean_metrics
+    if not repository.set_if_status(session, job_id, status, changes):
+        return False
+    # The distill stage trains up to three models in turn, each counting epochs from 1: an epoch is new when
+    # its number or its phase is, and the event names the phase so "epoch 1" is never ambiguous.
+    phase = clean_metrics.get("phase") if isinstance(clean_metrics.get("phase"), str) else None
+    if epoch is not None and (epoch != last_epoch or phase != last_phase):
+        named = {"stage": status, **({"phase": phase} if phase else {}), "epoch": epoch}
+        record_event(session, job_id, "epoch", {**named, "metrics": clean_metrics})
+    return True
+
+
+def record_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> JobEvent:
+    seq = repository.next_event_seq(session, job_id)
+    if seq is None:
+        raise JobNotFound()
+    event = JobEvent(job_id=job_id, seq=seq, kind=kind, data=json_safe(data))
+    session.add(event)
+    session.flush()
+    return event
+
+
+add_event = record_event  # the name the worker's calls and the tests have always used
+
+
+def add_artifact(
+    session: Session, job_id: str, name: str, key: str, size: int, sha256: str, content_type: str
+) -> Artifact:
+    """Insert or update by `(job, name)`, so a stage that runs twice does not duplicate its outputs."""
+    artifact = repository.get_artifact(session, job_id, name)
+    if artifact is None:
+        artifact = Artifact(job_id=job_id, name=name)
+        session.add(artifact)
+    artifact.key, artifact.size, artifact.sha256, artifact.content_type = key, size, sha256, content_type
+    session.flush()
+    return artifact
+
+
+# ---- an attempt ends: exactly one of these -----------------------------------------------------------------
+
+
+def hand_back(session: Session, job_id: str, worker_id: str, values: dict[str, Any] | None = None) -> bool:
+    """Give up the lease on a still-running job so the next task can claim it at once (the next stage after
+    soft labels, with `progress` 1; or the same stage on another worker). False: the job moved on."""
+    job = get_job_for_worker(session, job_id)
+    if job is None or job.status not in RUNNING:
+        return False
+    return repository.release_lease(session, job_id, job.status, worker_id, values or {})
+
+
+def end_attempt(
+    session: Session, job_id: str, worker_id: str, code: str | None, message: str
+) -> float | None:
+    """This attempt ended without a verdict on the job. Returns the delay before the stage's task is sent
+    again (the lease handed back), or None when there is nothing to re-send: the job moved on or this worker
+    no longer holds it, or `code` (a failed attempt) spent the last attempt, which fails the job with it.
+    `code=None` is no failure (a warm shutdown): the stage is re-sent at once, with no back-off."""
+    job = get_job_for_worker(session, job_id)
+    if job is None or job.status not in RUNNING or job.lease_owner != worker_id:
+        return None
+    if code is not None and job.attempts >= job.max_attempts:
+        fail_job(session, job_id, code, f"{message} (attempt {job.attempts} of {job.max_attempts})")
+        return None
+    if code is not None:
+        failed = {"stage": job.status, "attempt": job.attempts, "code": code, "message": message}
+        record_event(session, job_id, "attempt_failed", failed)
+    if not hand_back(session, job_id, worker_id):
+        return None
+    return 0.0 if code is None else float(RETRY_BACKOFF_S[min(job.attempts, len(RETRY_BACKOFF_S)) - 1])
+
+
+def fail_job(session: Session, job_id: str, code: str, message: str) -> bool:
+    """Fail from any unfinished state; False if the job had already finished (e.g. cancelled meanwhile)."""
+    message = message[:MAX_MESSAGE_CHARS]
+    return transition(
+        session,
+        job_id,
+        "failed",
+        values={"error_code": code[:64], "error_message": message},
+        event={"code": code, "message": message},
+        clear_lease=True,
+    )
+
+
+def finish_job(session: Session, job_id: str, metrics: dict[str, Any] | None = None) -> bool:
+    """`exporting -> succeeded`; False if the job is not exporting (cancelled, or finished twice).
+    `metrics`, when given, replace the last epoch's: a finished job shows its result, not its last step."""
+    values: dict[str, Any] = {"progress": 1.0}
+    if metrics is not None:
+        values["metrics"] = json_safe(metrics)
+    return transition(session, job_id, "succeeded", expected="exporting", values=values, clear_lease=True)
+
+
+# ---- the reaper --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reaped:
+    """What one reaper pass changed: the jobs it took from lost workers and the stale ones it claimed for a
+    re-send, with the stage task each needs next."""
+
+    worker_lost: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    resend: dict[str, str] = field(default_factory=dict)  # job id -> "soft_label" | "distill"
+
+
+def stage_task_of(status: str, handed_over: bool) -> str:
+    """The task that continues a job in `status`; `handed_over`: soft labels done and released to distill."""
+    if status == "queued" or (status == "soft_labeling" and not handed_over):
+        return "soft_label"
+    return "distill"
+
+
+def jobs_with_expired_lease(session: Session, now: datetime | None = None, limit: int = 100) -> list[Job]:
+    """Running jobs whose worker stopped heartbeating: what a reaper re-drives or fails."""
+    return repository.expired_leases(session, RUNNING, now or utcnow(), limit)
+
+
+def reap(session: Session, now: datetime, stale_after_s: float, batch: int) -> Reaped:
+    """Expired leases become one `worker_lost` event and a cleared lease (the next delivery takes the stage
+    over, or fails the job once its attempts are spent); queued or released jobs untouched for
+    `stale_after_s` had their message lost. Every change is a compare-and-set: concurrent reapers act once."""
+    reaped = Reaped()
+    handed: dict[str, bool] = {}
+    for job in jobs_with_expired_lease(session, now, batch):
+        if repository.clear_expired_lease(session, job.id, job.status, job.lease_owner, now):
+            lost = {"stage": job.status, "worker_id": job.lease_owner, "attempt": job.attempts}
+            record_event(session, job.id, "worker_lost", lost)
+            reaped.worker_lost.append(job.id)
+    before = now - timedelta(seconds=stale_after_s)
+    for job in repository.stale_unleased(session, ("queued", *RUNNING), before, batch):
+        if repository.touch_if_unchanged(session, job.id, job.status, job.updated_at, now):
+            reaped.requeued.append(job.id)
+            handed[job.id] = job.status == "soft_labeling" and (job.progress or 0) >= 1.0
+    for job_id in reaped.worker_lost + reaped.requeued:
+        state = repository.current_state(session, job_id)
+        if state is not None:
+            reaped.resend[job_id] = stage_task_of(state[0], handed.get(job_id, False))
+    return reaped
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------
+
+
+def _refresh(session: Session, job_id: str) -> Job:
+    job = repository.get(session, job_id, fresh=True)
+    if job is None:
+        raise JobNotFound()
+    return job
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities are not JSON (PostgreSQL's jsonb refuses them): stored as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
