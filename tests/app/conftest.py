@@ -11,7 +11,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import redis
 from fastapi import FastAPI
@@ -22,7 +21,6 @@ from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
-from app.db import migrate
 from app.db.aio import Lookup
 from app.db.session import Database, session_scope
 from app.files.models import File
@@ -32,34 +30,15 @@ from app.queue import CeleryEnqueuer, make_celery_client
 from app.storage import LocalStorage, Storage
 from app.tenants import service as tenants
 from app.tenants.models import Tenant as TenantRow
+from tests.support.services import postgres_database
 
-PG_HOST = os.environ.get("DISTILL_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("DISTILL_TEST_REDIS", "redis://127.0.0.1:6379/12")
-
-
-def _admin() -> psycopg.Connection:
-    return psycopg.connect(PG_HOST.replace("+psycopg", "") + "/test", autocommit=True)
-
-
-def create_database(name: str) -> str:
-    with _admin() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"{PG_HOST}/{name}"
-
-
-def drop_database(name: str) -> None:
-    with _admin() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
-    name = f"distill_test_{os.getpid()}"
-    url = create_database(name)
-    migrate.upgrade(url)
-    yield url
-    drop_database(name)
+    with postgres_database("distill_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.db.session import Database, session_scope
-from app.jobs import service
+from app.jobs import lifecycle
 from app.storage import LocalStorage, keys
 from tests.app.conftest import Tenant
-from tests.app.helpers import assert_problem, inputs, job_body
+from tests.support.api import assert_problem, inputs, job_body
 
 CONTENT = bytes(range(256)) * 40  # 10240 bytes
 
@@ -21,10 +21,10 @@ def artifact_url(client: TestClient, alice: Tenant, db: Database, storage: Local
     teacher, dataset = inputs(client, alice.headers)
     job = client.post("/v1/jobs", headers=alice.headers, json=job_body(teacher, dataset)).json()
     with session_scope(db) as session:
-        tenant_id = service.get_job_for_worker(session, job["id"]).tenant_id  # type: ignore[union-attr]
+        tenant_id = lifecycle.get_job_for_worker(session, job["id"]).tenant_id  # type: ignore[union-attr]
         key = keys.artifact_key(tenant_id, job["id"], "student.onnx")
         size, sha = storage.put_stream(key, iter([CONTENT]))
-        service.add_artifact(session, job["id"], "student.onnx", key, size, sha, "application/octet-stream")
+        lifecycle.add_artifact(session, job["id"], "student.onnx", key, size, sha, "application/octet-stream")
     return f"/v1/jobs/{job['id']}/artifacts/student.onnx"
 
 

@@ -4,7 +4,6 @@ an unreachable database is a 503 and never a 500, and the health probes report e
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,13 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.db.session import Database, session_scope
-from app.jobs import service as jobs
+from app.jobs import lifecycle
 from app.main import create_app
 from app.storage import LocalStorage, keys
 from app.tenants import service as tenants
 from tests.app.conftest import Tenant
-from tests.app.helpers import assert_problem, inputs, job_body
+from tests.support.api import assert_problem, inputs, job_body
+from tests.support.processes import free_port
 
 PUBLIC = {"/healthz", "/readyz"}
 
@@ -65,16 +65,10 @@ def test_health_and_readiness(client: TestClient) -> None:
     assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def broken_client(tmp_path: Path) -> TestClient:
     """An app whose database and broker listen nowhere."""
-    port = closed_port()
+    port = free_port()
     settings = Settings(
         environment="test",
         database_url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/nothing",
@@ -111,11 +105,11 @@ def test_another_tenants_ids_look_missing_on_every_route_with_an_id(
     teacher, dataset = inputs(client, alice.headers)
     job_id = client.post("/v1/jobs", headers=alice.headers, json=job_body(teacher, dataset)).json()["id"]
     with session_scope(db) as session:
-        job = jobs.get_job_for_worker(session, job_id)
+        job = lifecycle.get_job_for_worker(session, job_id)
         assert job is not None
         key = keys.artifact_key(job.tenant_id, job_id, "report.json")
         size, sha = storage.put_stream(key, iter([b"{}"]))
-        jobs.add_artifact(session, job_id, "report.json", key, size, sha, "application/json")
+        lifecycle.add_artifact(session, job_id, "report.json", key, size, sha, "application/json")
     real = {"file_id": teacher, "job_id": job_id, "name": "report.json"}
     fake = {"file_id": "file_" + "0" * 24, "job_id": "job_" + "0" * 24, "name": "report.json"}
     checked = 0

@@ -59,3 +59,30 @@ def test_names_match_the_core_registries() -> None:
 def test_student_specs_the_core_parses_are_accepted(spec: str) -> None:
     name, _ = core_config.parse_model_spec(spec)
     assert config_schema.parse_model_spec(spec, "student")[0] == name
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["mlp:hidden=", "mlp:hidden", "mlp:=3", "mlp:dropout=nan", "mlp:hidden=1e999", "mlp:hidden=8,inf"]
+    + [":x=1"],
+)
+def test_both_parsers_refuse_the_same_malformed_specs(spec: str) -> None:
+    """One grammar: what the API refuses at submission the core refuses too, and the other way round."""
+    errors = pytest.importorskip("worker.distill.errors")
+    with pytest.raises(errors.ConfigError):
+        core_config.parse_model_spec(spec)
+    with pytest.raises(ValueError):
+        config_schema.parse_model_spec(spec, "student")
+
+
+def test_the_clients_job_has_every_field_the_api_shows() -> None:
+    """The job's public shape: `JobOut` is the source; the SQL view asserts it follows it (jobs/repository.py)
+    and the client's dataclass (which may not import the server's models) is held equal here."""
+    from app.client.models import TERMINAL_STATES
+    from app.client.models import Job as ClientJob
+    from app.jobs.schemas import JobOut
+    from app.jobs.state import TERMINAL
+
+    client_fields = [f.name for f in dataclasses.fields(ClientJob) if f.name != "raw"]
+    assert client_fields == list(JobOut.model_fields)
+    assert TERMINAL_STATES == frozenset(TERMINAL)

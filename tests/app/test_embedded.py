@@ -10,10 +10,10 @@ from kombu import Connection
 from app.config import Settings
 from app.db import migrate
 from app.db.session import session_scope
-from app.jobs import service as jobs
+from app.jobs import lifecycle
 from app.main import create_app
 from app.tenants import service as tenants
-from tests.app.helpers import inputs, job_body
+from tests.support.api import inputs, job_body
 
 
 def test_the_api_runs_on_sqlite_and_enqueues_through_the_embedded_broker(tmp_path: Path) -> None:
@@ -36,8 +36,8 @@ def test_the_api_runs_on_sqlite_and_enqueues_through_the_embedded_broker(tmp_pat
         assert created.status_code == 201, created.text
         job_id = created.json()["id"]
         with session_scope(app.state.db) as session:
-            assert jobs.claim_stage(session, job_id, "queued", "soft_labeling", "w") is not None
-            assert jobs.claim_stage(session, job_id, "queued", "soft_labeling", "w2") is None
+            assert lifecycle.claim_stage(session, job_id, "queued", "soft_labeling", "w") is not None
+            assert lifecycle.claim_stage(session, job_id, "queued", "soft_labeling", "w2") is None
         job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
         assert job["status"] == "soft_labeling" and set(job["timestamps"]) == {"queued", "soft_labeling"}
         assert job["timestamps"]["queued"].endswith(("+00:00", "Z"))

@@ -18,7 +18,7 @@ from app.main import create_app
 from app.queue import CeleryEnqueuer
 from app.storage import LocalStorage
 from tests.app.conftest import Tenant
-from tests.app.helpers import assert_problem, upload
+from tests.support.api import assert_problem, upload
 
 MIB = 1024 * 1024
 
@@ -32,7 +32,7 @@ def test_multipart_upload_streams_into_storage_with_size_and_sha256(
     client: TestClient, alice: Tenant, storage: LocalStorage
 ) -> None:
     content = bytes(range(256)) * 1000  # 256 kB minus a little: under the 256 KiB cap
-    body = upload(client, alice.headers, "teacher", content, "../../etc/teacher.pt")
+    body = upload(client, "teacher", content, "../../etc/teacher.pt", alice.headers)
     assert body["id"].startswith("file_")
     assert body["size"] == len(content) and body["sha256"] == hashlib.sha256(content).hexdigest()
     assert body["filename"] == "teacher.pt" and body["purpose"] == "teacher"
@@ -154,8 +154,8 @@ def test_malformed_multipart_is_400_and_leaves_nothing(
 def test_list_pages_filters_and_delete_removes_the_object(
     client: TestClient, alice: Tenant, storage: LocalStorage
 ) -> None:
-    ids = [upload(client, alice.headers, "dataset", f"d{i}".encode())["id"] for i in range(3)]
-    teacher = upload(client, alice.headers, "teacher")["id"]
+    ids = [upload(client, "dataset", f"d{i}".encode(), headers=alice.headers)["id"] for i in range(3)]
+    teacher = upload(client, "teacher", headers=alice.headers)["id"]
     page = client.get("/v1/files?limit=2", headers=alice.headers).json()
     assert [f["id"] for f in page["data"]] == [teacher, ids[2]]
     rest = client.get(f"/v1/files?limit=2&cursor={page['next_cursor']}", headers=alice.headers).json()
@@ -170,7 +170,7 @@ def test_list_pages_filters_and_delete_removes_the_object(
 
 
 def test_files_are_invisible_to_other_tenants(client: TestClient, alice: Tenant, bob: Tenant) -> None:
-    mine = upload(client, alice.headers, "teacher")["id"]
+    mine = upload(client, "teacher", headers=alice.headers)["id"]
     missing = assert_problem(
         client.get("/v1/files/file_doesnotexist", headers=bob.headers), 404, "file_not_found"
     )

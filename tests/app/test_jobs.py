@@ -8,7 +8,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from tests.app.conftest import Tenant
-from tests.app.helpers import assert_problem, inputs, job_body, upload
+from tests.support.api import assert_problem, inputs, job_body, upload
 
 
 def queued_job_ids(broker: redis.Redis) -> list[str]:
@@ -124,7 +124,7 @@ def test_input_files_must_exist_for_the_tenant_and_fit_their_slot(
     client: TestClient, alice: Tenant, bob: Tenant
 ) -> None:
     teacher, dataset = inputs(client, alice.headers)
-    bobs_teacher = upload(client, bob.headers, "teacher")["id"]
+    bobs_teacher = upload(client, "teacher", headers=bob.headers)["id"]
     body = job_body(dataset, teacher, validation_file_id="file_nope")
     body["teacher_file_ids"].append(bobs_teacher)
     problem = assert_problem(

@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, inspect, pool
 
 from app.db import migrate
 from app.db.models import metadata
-from tests.app.conftest import create_database, drop_database
+from tests.support.services import create_database, drop_database
 
 TABLES = {"tenants", "api_keys", "files", "jobs", "job_events", "artifacts"}
 

@@ -10,7 +10,7 @@ import psycopg
 from app.db.aio import AsyncReadPool, Lookup, libpq_dsn
 from app.jobs.router import poll_job
 from app.main import create_app
-from tests.app.test_auth_and_errors import closed_port
+from tests.support.processes import free_port
 
 
 def _run(pg_url: str, size: int, queries: list[tuple[str, dict]]) -> tuple[list[object], int]:
@@ -43,7 +43,7 @@ def test_a_failing_query_fails_only_its_caller(pg_url: str) -> None:
 
 
 def test_unreachable_database_fails_every_waiting_caller() -> None:
-    url = f"postgresql://u@127.0.0.1:{closed_port()}/x"
+    url = f"postgresql://u@127.0.0.1:{free_port()}/x"
 
     async def main() -> list[object]:
         pool = AsyncReadPool(url, 2)

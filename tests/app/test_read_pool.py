@@ -16,8 +16,8 @@ from app.main import create_app
 from app.queue import CeleryEnqueuer
 from app.storage import LocalStorage
 from app.tenants import service as tenants
-from tests.app.helpers import assert_problem, inputs, job_body
-from tests.app.test_auth_and_errors import closed_port
+from tests.support.api import assert_problem, inputs, job_body
+from tests.support.processes import free_port
 
 
 def test_get_job_reads_through_the_async_pool(
@@ -75,7 +75,7 @@ def test_the_json_postgresql_renders_is_what_job_out_renders(
 
 
 def test_an_unreachable_database_on_the_read_pool_is_503(tmp_path: Path) -> None:
-    port = closed_port()
+    port = free_port()
     settings = Settings(
         environment="test",
         database_url=f"postgresql+psycopg://u@127.0.0.1:{port}/x",

@@ -11,7 +11,7 @@ from sqlalchemy import update
 
 from app.db.base import utcnow
 from app.db.session import Database, session_scope
-from app.jobs import service
+from app.jobs import lifecycle, service
 from app.jobs.models import Job
 from app.jobs.state import (
     PIPELINE,
@@ -23,7 +23,7 @@ from app.jobs.state import (
     check_transition,
 )
 from tests.app.conftest import Tenant
-from tests.app.helpers import inputs, job_body
+from tests.support.api import inputs, job_body
 
 
 def test_transition_table() -> None:
@@ -52,20 +52,21 @@ def test_a_job_runs_through_every_stage_with_timestamps_events_and_artifacts(
     previous = "queued"
     for stage in RUNNING:
         with session_scope(db) as session:
-            job = service.claim_stage(session, job_id, previous, stage, "worker-1")
+            job = lifecycle.claim_stage(session, job_id, previous, stage, "worker-1")
             assert job is not None and job.status == stage and job.lease_owner == "worker-1"
         previous = stage
         if stage == "distilling":
             for epoch in (1, 1, 2):  # the same epoch reported twice writes one epoch event
                 with session_scope(db) as session:
-                    assert service.record_progress(
+                    assert lifecycle.record_progress(
                         session, job_id, epoch / 2, epoch, {"val_acc": 0.5 + epoch / 10, "loss": float("nan")}
                     )
             assert client.get(f"/v1/jobs/{job_id}", headers=alice.headers).json()["epoch"] == 2
     with session_scope(db) as session:
-        service.add_artifact(session, job_id, "report.json", "k1", 10, "a" * 64, "application/json")
-        service.add_artifact(session, job_id, "report.json", "k2", 12, "b" * 64, "application/json")  # rerun
-        assert service.finish_job(session, job_id)
+        lifecycle.add_artifact(session, job_id, "report.json", "k1", 10, "a" * 64, "application/json")
+        # the same artifact again, as a rerun of the stage writes it
+        lifecycle.add_artifact(session, job_id, "report.json", "k2", 12, "b" * 64, "application/json")
+        assert lifecycle.finish_job(session, job_id)
     job = client.get(f"/v1/jobs/{job_id}", headers=alice.headers).json()
     assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["attempts"] == 1
     assert list(job["timestamps"]) == list(PIPELINE)
@@ -88,13 +89,13 @@ def test_each_phase_numbers_its_epochs_and_every_epoch_event_names_its_phase(
     previous = "queued"
     for stage in ("soft_labeling", "distilling"):
         with session_scope(db) as session:
-            service.claim_stage(session, job_id, previous, stage, "worker-1")
+            lifecycle.claim_stage(session, job_id, previous, stage, "worker-1")
         previous = stage
     # Distillation ends at epoch 1, then fine-tuning and the baseline each count from 1 again; a resumed
     # stage reports the baseline's epoch 1 a second time.
     for phase, epoch in (("distill", 1), ("finetune", 1), ("baseline", 1), ("baseline", 1), ("baseline", 2)):
         with session_scope(db) as session:
-            assert service.record_progress(session, job_id, 0.5, epoch, {"phase": phase, "loss": 1.0})
+            assert lifecycle.record_progress(session, job_id, 0.5, epoch, {"phase": phase, "loss": 1.0})
     events = client.get(f"/v1/jobs/{job_id}/events", headers=alice.headers).json()["data"]
     epochs = [(e["data"]["phase"], e["data"]["epoch"]) for e in events if e["kind"] == "epoch"]
     assert epochs == [("distill", 1), ("finetune", 1), ("baseline", 1), ("baseline", 2)]
@@ -102,27 +103,27 @@ def test_each_phase_numbers_its_epochs_and_every_epoch_event_names_its_phase(
 
 def test_claim_stage_is_compare_and_set(db: Database, job_id: str) -> None:
     with session_scope(db) as session:
-        assert service.claim_stage(session, job_id, "queued", "soft_labeling", "worker-1") is not None
+        assert lifecycle.claim_stage(session, job_id, "queued", "soft_labeling", "worker-1") is not None
     with session_scope(db) as session:  # a second delivery of the same task: a cheap no-op
-        assert service.claim_stage(session, job_id, "queued", "soft_labeling", "worker-2") is None
+        assert lifecycle.claim_stage(session, job_id, "queued", "soft_labeling", "worker-2") is None
     with session_scope(db) as session:  # the stage is leased: another worker cannot take it over
-        assert service.claim_stage(session, job_id, "soft_labeling", "soft_labeling", "worker-2") is None
+        assert lifecycle.claim_stage(session, job_id, "soft_labeling", "soft_labeling", "worker-2") is None
     with pytest.raises(InvalidTransition), session_scope(db) as session:
-        service.claim_stage(session, job_id, "soft_labeling", "exporting", "worker-1")
+        lifecycle.claim_stage(session, job_id, "soft_labeling", "exporting", "worker-1")
 
 
 def test_an_expired_lease_is_taken_over_and_counted_as_an_attempt(db: Database, job_id: str) -> None:
     with session_scope(db) as session:
-        service.claim_stage(session, job_id, "queued", "soft_labeling", "worker-1")
-        assert service.renew_lease(session, job_id, "worker-1")
-        assert not service.renew_lease(session, job_id, "worker-2")
+        lifecycle.claim_stage(session, job_id, "queued", "soft_labeling", "worker-1")
+        assert lifecycle.renew_lease(session, job_id, "worker-1")
+        assert not lifecycle.renew_lease(session, job_id, "worker-2")
     with session_scope(db) as session:
         session.execute(
             update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
         )
-        assert [j.id for j in service.jobs_with_expired_lease(session)] == [job_id]
+        assert [j.id for j in lifecycle.jobs_with_expired_lease(session)] == [job_id]
     with session_scope(db) as session:
-        job = service.claim_stage(session, job_id, "soft_labeling", "soft_labeling", "worker-2")
+        job = lifecycle.claim_stage(session, job_id, "soft_labeling", "soft_labeling", "worker-2")
         assert job is not None and job.attempts == 2 and job.lease_owner == "worker-2"
         events = service.list_events(session, job.tenant_id, job_id, after=0, limit=100)
         assert events[-1].kind == "resumed" and events[-1].data == {
@@ -136,13 +137,13 @@ def test_cancel_stops_the_worker_at_its_next_report(
     client: TestClient, alice: Tenant, db: Database, job_id: str
 ) -> None:
     with session_scope(db) as session:
-        service.claim_stage(session, job_id, "queued", "soft_labeling", "worker-1")
+        lifecycle.claim_stage(session, job_id, "queued", "soft_labeling", "worker-1")
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=alice.headers).json()["status"] == "cancelled"
     with session_scope(db) as session:
-        assert not service.record_progress(session, job_id, 0.5, None, {})
-        assert service.claim_stage(session, job_id, "soft_labeling", "distilling", "worker-1") is None
-        assert not service.fail_job(session, job_id, "worker_lost", "too late")
-        assert not service.finish_job(session, job_id)
+        assert not lifecycle.record_progress(session, job_id, 0.5, None, {})
+        assert lifecycle.claim_stage(session, job_id, "soft_labeling", "distilling", "worker-1") is None
+        assert not lifecycle.fail_job(session, job_id, "worker_lost", "too late")
+        assert not lifecycle.finish_job(session, job_id)
     job = client.get(f"/v1/jobs/{job_id}", headers=alice.headers).json()
     assert job["status"] == "cancelled" and job["stage"] == "soft_labeling" and job["error"] is None
 
@@ -151,8 +152,8 @@ def test_fail_job_records_a_stable_code_and_message(
     client: TestClient, alice: Tenant, db: Database, job_id: str
 ) -> None:
     with session_scope(db) as session:
-        service.claim_stage(session, job_id, "queued", "soft_labeling", "worker-1")
-        assert service.fail_job(session, job_id, "invalid_teacher", "teacher.pt is not a model")
+        lifecycle.claim_stage(session, job_id, "queued", "soft_labeling", "worker-1")
+        assert lifecycle.fail_job(session, job_id, "invalid_teacher", "teacher.pt is not a model")
     job = client.get(f"/v1/jobs/{job_id}", headers=alice.headers).json()
     assert job["status"] == "failed" and job["error"] == {
         "code": "invalid_teacher",
@@ -173,9 +174,9 @@ def test_job_inputs_resolve_the_files_in_slot_order(db: Database, client: TestCl
         "/v1/jobs", headers=alice.headers, json=job_body(teacher, dataset, validation_file_id=dataset)
     ).json()["id"]
     with session_scope(db) as session:
-        job = service.get_job_for_worker(session, job_id)
+        job = lifecycle.get_job_for_worker(session, job_id)
         assert job is not None
-        found = service.job_inputs(session, job)
+        found = lifecycle.job_inputs(session, job)
         assert [f.id for f in found.teachers] == [teacher] and found.dataset.id == dataset
         assert found.validation is not None and found.student_init is None
         assert found.dataset.key.startswith(f"tenants/{job.tenant_id}/files/")

@@ -4,7 +4,6 @@ port, reached through the same boto3 code path as MinIO). Then the API on the S3
 from __future__ import annotations
 
 import hashlib
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,11 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from moto.server import ThreadedMotoServer
 
 from app.config import Settings
 from app.db.session import Database, session_scope
-from app.jobs import service as jobs
+from app.jobs import lifecycle
 from app.main import create_app
 from app.queue import CeleryEnqueuer
 from app.storage import LocalStorage, Storage, keys
@@ -24,20 +22,16 @@ from app.storage.exceptions import ObjectNotFound, ObjectTooLarge
 from app.storage.s3 import S3Storage, make_client
 from app.tenants import service as tenants
 from tests.app.conftest import Tenant
-from tests.app.helpers import assert_problem, job_body, upload
+from tests.support.api import assert_problem, job_body, upload
+from tests.support.services import moto_s3
 
 MIB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
@@ -137,7 +131,7 @@ def test_api_on_s3_upload_register_and_presigned_download(
     s3_client: TestClient, s3: S3Storage, alice: Tenant, bob: Tenant, db: Database
 ) -> None:
     tenant_id = _tenant_of(db, alice)
-    teacher = upload(s3_client, alice.headers, "teacher", b"T" * (6 * MIB), "teacher.onnx")
+    teacher = upload(s3_client, "teacher", b"T" * (6 * MIB), "teacher.onnx", alice.headers)
     assert s3.size(keys.file_key(tenant_id, teacher["id"])) == 6 * MIB  # streamed as a multipart upload
 
     other = s3.with_bucket(f"customer-{uuid.uuid4().hex[:8]}")
@@ -183,7 +177,7 @@ def test_api_on_s3_upload_register_and_presigned_download(
     with session_scope(db) as session:
         key = keys.artifact_key(tenant_id, job["id"], "student.pt")
         size, sha = s3.put_stream(key, iter([b"torchscript"]))
-        jobs.add_artifact(session, job["id"], "student.pt", key, size, sha, "application/octet-stream")
+        lifecycle.add_artifact(session, job["id"], "student.pt", key, size, sha, "application/octet-stream")
     url = f"/v1/jobs/{job['id']}/artifacts/student.pt"
     redirect = s3_client.get(url, headers=alice.headers, follow_redirects=False)
     assert redirect.status_code == 307

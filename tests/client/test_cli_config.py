@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.client.config import DEFAULT_URL, MissingApiKey, resolve
-from tests.client.service import ROOT, child_env
+from tests.support.processes import ROOT, child_env
 
 
 @pytest.fixture

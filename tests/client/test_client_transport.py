@@ -15,7 +15,7 @@ import pytest
 
 from app.client import Client, ConnectionFailed, InvalidRequest, NotFound
 from app.client.errors import ChecksumMismatch
-from tests.client.service import free_port
+from tests.support.processes import free_port
 
 JOB = {"id": "job_1", "status": "queued", "stage": None, "progress": 0.0, "epoch": None, "metrics": {},
        "error": None, "config": {}, "metadata": {}, "created_at": "", "updated_at": "", "timestamps": {}}

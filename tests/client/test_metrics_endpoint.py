@@ -10,8 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
-from app.jobs import service
-from tests.client.inprocess import Local, local_app
+from app.jobs import lifecycle
+from tests.support.services import Local, local_app
 
 
 @pytest.fixture
@@ -39,8 +39,8 @@ def test_metrics_count_jobs_by_state_and_time_their_stages(local: Local) -> None
     for job_id in done:
         local.advance(job_id)
     local.advance(failed, to="failed")
-    local.step(service.claim_stage, running, "queued", "soft_labeling", "w")
-    local.step(service.record_progress, running, 0.5, None, {"samples_per_s": 1500.0})
+    local.step(lifecycle.claim_stage, running, "queued", "soft_labeling", "w")
+    local.step(lifecycle.record_progress, running, 0.5, None, {"samples_per_s": 1500.0})
 
     m = scrape(local)
     jobs = {dict(k)["state"]: v for k, v in m["distill_jobs"].items()}

@@ -18,14 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.client import Client, JobCancelled
 from app.webhooks.signing import verify
 from tests.client.receiver import Receiver
-from tests.client.service import (
-    FAST_CONFIG,
-    Problem,
-    Service,
-    embedded_service,
-    make_problem,
-    student_accuracy,
-)
+from tests.support.api import FAST_CONFIG
+from tests.support.data import Problem, gaussian_problem
+from tests.support.services import Served, served
 
 pytestmark = pytest.mark.e2e
 PIPELINE = ["queued", "soft_labeling", "distilling", "evaluating", "exporting", "succeeded"]
@@ -33,14 +28,14 @@ SETTINGS = [arg for k, v in FAST_CONFIG.items() if k != "epochs" for arg in ("--
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with embedded_service(tmp_path_factory.mktemp("serve")) as s:
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with served(tmp_path_factory.mktemp("serve")) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory: pytest.TempPathFactory) -> Problem:
-    return make_problem(tmp_path_factory.mktemp("problem"))
+    return gaussian_problem(tmp_path_factory.mktemp("problem"))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +46,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def submitted(service: Service, problem: Problem, receiver: Receiver,
+def submitted(service: Served, problem: Problem, receiver: Receiver,
               tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     out = tmp_path_factory.mktemp("out")
     run = service.cli("submit", "--teacher", str(problem.teacher), "--dataset", str(problem.dataset),
@@ -61,16 +56,16 @@ def submitted(service: Service, problem: Problem, receiver: Receiver,
 
 
 def test_submit_wait_succeeds_and_the_downloaded_student_predicts(
-        submitted: tuple[subprocess.CompletedProcess[str], Path], problem: Problem, service: Service) -> None:
+        submitted: tuple[subprocess.CompletedProcess[str], Path], problem: Problem, service: Served) -> None:
     run, out = submitted
     assert run.returncode == 0, f"{run.stderr[-3000:]}\n{service.log.read_text()[-3000:]}"
     job = json.loads(run.stdout)
     assert job["status"] == "succeeded" and job["downloaded"] == str(out / "student.pt")
-    assert student_accuracy(out / "student.pt", problem) > 0.8  # three classes: chance is 0.33
+    assert problem.accuracy_of(out / "student.pt") > 0.8  # three classes: chance is 0.33
 
 
 def test_every_command_speaks_json_and_exits_zero(
-        submitted: tuple[subprocess.CompletedProcess[str], Path], service: Service, tmp_path: Path) -> None:
+        submitted: tuple[subprocess.CompletedProcess[str], Path], service: Served, tmp_path: Path) -> None:
     job_id = json.loads(submitted[0].stdout)["id"]
     status = json.loads(service.cli("status", job_id, "--json").stdout)
     assert status["status"] == "succeeded" and set(status["timestamps"]) >= set(PIPELINE)
@@ -90,7 +85,7 @@ def test_every_command_speaks_json_and_exits_zero(
 
 
 def test_the_webhook_receiver_got_every_transition_once_signed(
-        submitted: tuple[subprocess.CompletedProcess[str], Path], service: Service,
+        submitted: tuple[subprocess.CompletedProcess[str], Path], service: Served,
         receiver: Receiver) -> None:
     job_id = json.loads(submitted[0].stdout)["id"]
     deadline = time.monotonic() + 30
@@ -108,7 +103,7 @@ def test_the_webhook_receiver_got_every_transition_once_signed(
     assert [a["ok"] for a in attempts][:2] == [False, True] and len(attempts) == len(PIPELINE) + 1
 
 
-def test_a_failing_job_exits_non_zero_with_its_error_code(service: Service, problem: Problem,
+def test_a_failing_job_exits_non_zero_with_its_error_code(service: Served, problem: Problem,
                                                           tmp_path: Path) -> None:
     broken = tmp_path / "teacher.pt"
     broken.write_bytes(b"this is not a model" * 10)
@@ -122,7 +117,7 @@ def test_a_failing_job_exits_non_zero_with_its_error_code(service: Service, prob
     assert body["job"]["error"]["code"] == code
 
 
-def test_cancel_from_the_client(service: Service, problem: Problem) -> None:
+def test_cancel_from_the_client(service: Served, problem: Problem) -> None:
     with Client(service.url, service.api_key) as client:
         teacher, data = client.upload(problem.teacher, "teacher"), client.upload(problem.dataset, "dataset")
         job = client.create_job(teacher=teacher.id, dataset=data.id, student="mlp:hidden=16",
@@ -135,7 +130,7 @@ def test_cancel_from_the_client(service: Service, problem: Problem) -> None:
         assert again.returncode == 1 and "error: " in again.stderr
 
 
-def test_metrics_count_the_jobs_this_module_ran(service: Service) -> None:
+def test_metrics_count_the_jobs_this_module_ran(service: Served) -> None:
     with Client(service.url, service.api_key) as client:
         by_status = Counter(j.status for j in client.iter_jobs())
     assert by_status["succeeded"] >= 1 and by_status["failed"] >= 1 and by_status["cancelled"] >= 1

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
-from app.webhooks import receivers
+from app import receivers
 from app.webhooks.dispatcher import get_dispatcher
-from tests.client.inprocess import Local, local_app
 from tests.client.receiver import Receiver
+from tests.support.api import inputs
+from tests.support.services import Local, local_app
 
 PUBLIC = ipaddress.ip_address("93.184.216.34")
 
@@ -59,13 +60,8 @@ def receiver() -> Iterator[Receiver]:
 
 def submit(local: Local, webhook_url: str, key: str | None = None) -> Any:
     headers = local.as_tenant(key or local.key("acme"))
-    ids = [
-        local.http.post(
-            "/v1/files", data={"purpose": p}, files={"file": ("f", b"x")}, headers=headers
-        ).json()["id"]
-        for p in ("teacher", "dataset")
-    ]
-    body = {"teacher_file_ids": [ids[0]], "dataset_file_id": ids[1], "webhook_url": webhook_url}
+    teacher, dataset = inputs(local.http, headers)
+    body = {"teacher_file_ids": [teacher], "dataset_file_id": dataset, "webhook_url": webhook_url}
     return local.http.post("/v1/jobs", json=body, headers=headers)
 
 

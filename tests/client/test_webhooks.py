@@ -10,8 +10,8 @@ import pytest
 
 from app.webhooks.dispatcher import get_dispatcher
 from app.webhooks.signing import verify
-from tests.client.inprocess import Local, local_app
 from tests.client.receiver import Receiver
+from tests.support.services import Local, local_app
 
 PIPELINE = ["queued", "soft_labeling", "distilling", "evaluating", "exporting", "succeeded"]
 

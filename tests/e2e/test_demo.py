@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.processes import child_env, distill
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_distill_demo_trains_serves_distils_and_prints_the_table(tmp_path: Path, stack):
+def test_distill_demo_trains_serves_distils_and_prints_the_table(tmp_path: Path):
     result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "demo", "--dataset", "digits"],
-        cwd=tmp_path, env=stack.base_env(), capture_output=True, text=True, timeout=300,
+        distill("demo", "--dataset", "digits"), cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+        timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout

@@ -8,15 +8,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.processes import child_env, distill, free_port, serving
+
 pytestmark = pytest.mark.e2e
 
 
 def test_distill_serve_runs_a_job_end_to_end_with_no_other_server(
-    tmp_path: Path, serve_process, problem, job_runner, evaluate_students, stack
+    tmp_path: Path, problem, job_runner, evaluate_students
 ):
-    port = stack.free_port()
-    cmd = [sys.executable, "-m", "worker.cli", "serve", "--port", str(port)]
-    with serve_process(cmd, tmp_path, stack.base_env(), port, tmp_path / "serve.log") as server:
+    port = free_port()
+    cmd = distill("serve", "--port", str(port))
+    with serving(cmd, cwd=tmp_path, env=child_env(), port=port, log=tmp_path / "serve.log") as server:
         key_file = tmp_path / ".distill" / "api_key"
         assert key_file.stat().st_mode & 0o077 == 0  # readable by its owner only
         assert str(key_file) in (tmp_path / "serve.log").read_text()  # it says where the key is
@@ -34,7 +36,7 @@ def test_distill_serve_runs_a_job_end_to_end_with_no_other_server(
     assert accuracies["torchscript"] > 0.8 and accuracies["onnx"] > 0.8, accuracies
 
 
-def test_a_second_start_reuses_the_database_and_the_key(tmp_path: Path, stack):
+def test_a_second_start_reuses_the_database_and_the_key(tmp_path: Path):
     import subprocess
 
     # Migrations and the key happen before the servers start: `--help`-cheap checks need no port.
@@ -42,7 +44,7 @@ def test_a_second_start_reuses_the_database_and_the_key(tmp_path: Path, stack):
     first = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
-        env=stack.base_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         check=True,
@@ -50,7 +52,7 @@ def test_a_second_start_reuses_the_database_and_the_key(tmp_path: Path, stack):
     second = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
-        env=stack.base_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         check=True,

@@ -6,12 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.db import Database, session_scope
-from app.main import create_app
-from app.tenants import service as tenants
+from tests.support.processes import child_env
+from tests.support.services import api_client
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +23,6 @@ def test_upload_submit_poll_download_on_postgres_redis_s3(
     problem,
     job_runner,
     evaluate_students,
-    stack,
 ):
     env = {
         "DISTILL_ENVIRONMENT": "test",
@@ -39,16 +36,12 @@ def test_upload_submit_poll_download_on_postgres_redis_s3(
         "DISTILL_DATA_DIR": str(tmp_path / "worker-data"),
     }
     # Inference and training on separate worker pools, as in production.
-    soft_label_worker = start_worker(stack.base_env(**env), queues="soft_label")
-    distill_worker = start_worker(stack.base_env(**env), queues="distill")
+    soft_label_worker = start_worker(child_env(**env), queues="soft_label")
+    distill_worker = start_worker(child_env(**env), queues="distill")
 
     settings = Settings(**{k.removeprefix("DISTILL_").lower(): v for k, v in env.items()})
-    db = Database.from_settings(settings)
-    with session_scope(db) as session:
-        key = tenants.create_key(session, "e2e")
-    with TestClient(create_app(settings, db=db), headers={"Authorization": f"Bearer {key}"}) as http:
+    with api_client(settings, tenant="e2e") as http:
         result = job_runner(http, problem, tmp_path)
-    db.dispose()
 
     assert soft_label_worker.poll() is None and distill_worker.poll() is None
     assert result["statuses"][-1] == "succeeded"

@@ -9,52 +9,34 @@ from typing import Any
 
 import pytest
 
-from tests.worker.conftest import Service
+from tests.support.api import create_job, get_job, tiny_job, upload, upload_inputs
+from tests.support.services import Embedded
 from tests.worker.conftest import service as service  # noqa: F401  (fixture reused)
 from tests.worker.conftest import tiny_inputs as tiny_inputs  # noqa: F401
 from worker.tasks.jobs import run_soft_label
 
-JOB_CONFIG = {
-    "epochs": 1,
-    "method": "hinton",
-    "temperature": 2.0,
-    "alpha": 0.5,
-    "baseline": False,
-    "export_formats": ["torchscript"],
-}
 PREFLIGHT_DEADLINE_S = 30.0  # generous on 2 shared cores; a healthy preflight takes a few seconds
 
 
-def upload(svc: Service, purpose: str, name: str, data: bytes) -> str:
-    r = svc.http.post("/v1/files", data={"purpose": purpose}, files={"file": (name, data)})
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
 def run_until_verdict(
-    svc: Service,
+    svc: Embedded,
     teacher: tuple[str, bytes],
     dataset: tuple[str, bytes],
     *,
     student_init: tuple[str, bytes] | None = None,
     **config: Any,
 ) -> tuple[dict[str, Any], float]:
-    """Upload, submit, run the soft-label task once (preflight comes first); the job and the seconds taken."""
-    body: dict[str, Any] = {
-        "teacher_file_ids": [upload(svc, "teacher", *teacher)],
-        "dataset_file_id": upload(svc, "dataset", *dataset),
-        "student": "mlp:hidden=8",
-        "config": {**JOB_CONFIG, **config},
-    }
+    """Upload, submit a one-epoch job (`config` added), run the soft-label task once (preflight comes
+    first); the job and the seconds taken."""
+    teacher_id, dataset_id = upload_inputs(svc.http, teacher, dataset)
+    fields = tiny_job(1, **config)
     if student_init is not None:
-        body["student_init_file_id"] = upload(svc, "student_init", *student_init)
-    r = svc.http.post("/v1/jobs", json=body)
-    assert r.status_code == 201, r.text
-    job_id = r.json()["id"]
+        fields["student_init_file_id"] = upload(svc.http, "student_init", student_init)["id"]
+    job_id = create_job(svc.http, teacher_id, dataset_id, **fields)
     started = time.monotonic()
     run_soft_label(svc.ctx, job_id)
     elapsed = time.monotonic() - started
-    return svc.http.get(f"/v1/jobs/{job_id}").json(), elapsed
+    return get_job(svc.http, job_id), elapsed
 
 
 def assert_failed_fast(job: dict[str, Any], elapsed: float, code: str) -> None:

@@ -3,20 +3,13 @@ can act on (the core's own tests cover every code on its own; these prove the se
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 
 from tests.hostile.conftest import assert_failed_fast, run_until_verdict
+from tests.support.data import npz_bytes
 
 RNG = np.random.default_rng(3)
-
-
-def npz(**arrays: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
 
 
 def rows(n: int, features: int = 8) -> np.ndarray:
@@ -30,23 +23,23 @@ def labels(n: int, classes: int = 3) -> np.ndarray:
 def with_nan() -> bytes:
     x = rows(60)
     x[17, 3] = np.nan
-    return npz(x=x, y=labels(60))
+    return npz_bytes(x=x, y=labels(60))
 
 
 def label_too_high() -> bytes:
     y = labels(60)
     y[5] = 7  # the teacher has 3 classes
-    return npz(x=rows(60), y=y)
+    return npz_bytes(x=rows(60), y=y)
 
 
 CASES = {
-    "empty": (lambda: npz(x=np.zeros((0, 8), np.float32), y=np.zeros(0, np.int64)), "empty_dataset"),
-    "flat_x": (lambda: npz(x=rows(60).ravel(), y=labels(60)), "bad_shape"),
-    "wrong_feature_count": (lambda: npz(x=rows(60, features=5), y=labels(60)), "shape_mismatch"),
+    "empty": (lambda: npz_bytes(x=np.zeros((0, 8), np.float32), y=np.zeros(0, np.int64)), "empty_dataset"),
+    "flat_x": (lambda: npz_bytes(x=rows(60).ravel(), y=labels(60)), "bad_shape"),
+    "wrong_feature_count": (lambda: npz_bytes(x=rows(60, features=5), y=labels(60)), "shape_mismatch"),
     "nan": (with_nan, "non_finite"),
     "label_out_of_range": (label_too_high, "label_out_of_range"),
     "class_count_mismatch": (
-        lambda: npz(x=rows(60), y=labels(60), class_names=np.array(["a", "b", "c", "d", "e"])),
+        lambda: npz_bytes(x=rows(60), y=labels(60), class_names=np.array(["a", "b", "c", "d", "e"])),
         "class_count_mismatch",
     ),
 }

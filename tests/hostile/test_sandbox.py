@@ -13,7 +13,6 @@ writable (but private, job-local) place inside the sandbox.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import re
 import secrets
@@ -28,9 +27,11 @@ import pytest
 import torch
 from torch import nn
 
-from tests.hostile.conftest import JOB_CONFIG, upload
 from tests.hostile.sandbox_steps import UNGUARDED_SOFT_LABEL_STEPS
-from tests.worker.conftest import Service
+from tests.support import api
+from tests.support.api import tiny_job
+from tests.support.data import torchscript_bytes
+from tests.support.services import Embedded
 from worker.sandbox import Sandbox
 from worker.tasks.jobs import _hand_to_distill, claim_job, run_claimed, run_soft_label
 
@@ -81,29 +82,16 @@ class FileReader(nn.Module):
         return self.head(x) + data[:3].to(torch.float32)
 
 
-def teacher_file(module: nn.Module) -> tuple[str, bytes]:
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(module), buffer)
-    return ("teacher.pt", buffer.getvalue())
-
-
-def submit(svc: Service, teacher: tuple[str, bytes], dataset: tuple[str, bytes]) -> str:
-    body = {
-        "teacher_file_ids": [upload(svc, "teacher", *teacher)],
-        "dataset_file_id": upload(svc, "dataset", *dataset),
-        "student": "mlp:hidden=8",
-        "config": JOB_CONFIG,
-    }
-    r = svc.http.post("/v1/jobs", json=body)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
+def hostile_job(svc: Embedded, teacher: nn.Module, dataset: tuple[str, bytes]) -> str:
+    """A one-epoch job whose teacher is `teacher`, scripted; its id."""
+    return api.submit(svc.http, ("teacher.pt", torchscript_bytes(teacher)), dataset, **tiny_job(1))
 
 
 RunUnguarded = Callable[[str, Sandbox], dict]
 
 
 @pytest.fixture
-def run_unguarded(service: Service) -> Iterator[RunUnguarded]:
+def run_unguarded(service: Embedded) -> Iterator[RunUnguarded]:
     """The soft-label task as the worker runs it (claim, inputs, sandboxed child, verdict), with the stage
     steps of sandbox_steps.py; the sandbox also shows the child this tests folder, read-only, to import
     them. The scratch folder lives outside /tmp, as in production."""
@@ -121,7 +109,7 @@ def run_unguarded(service: Service) -> Iterator[RunUnguarded]:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def everything_the_tenant_sees(svc: Service, job_id: str) -> str:
+def everything_the_tenant_sees(svc: Embedded, job_id: str) -> str:
     job = svc.http.get(f"/v1/jobs/{job_id}").json()
     events = svc.http.get(f"/v1/jobs/{job_id}/events").json()
     return json.dumps([job, events])
@@ -137,12 +125,13 @@ def assert_no_bytes_of(secret: bytes, text: str) -> None:
 
 
 @pytest.fixture
-def secret_files(service: Service) -> dict[str, Path]:
+def secret_files(service: Embedded) -> dict[str, Path]:
     """What a hostile model wants: the local tenant's key file, the database, another tenant's stored object,
     and /etc/shadow; all readable by the worker itself."""
     key = service.settings.data_dir / "api_key"
     key.write_text(f"dk_{secrets.token_hex(20)}\n")
-    other = upload(service, "dataset", "other.npz", b"PK-other-tenant-" + secrets.token_bytes(64))
+    other_tenants = ("other.npz", b"PK-other-tenant-" + secrets.token_bytes(64))
+    other = api.upload(service.http, "dataset", other_tenants)["id"]
     objects = [p for p in (service.settings.storage_path).rglob("*") if p.is_file()]
     assert objects, other
     found = {"key": key, "database": service.settings.data_dir / "distill.db", "object": objects[0]}
@@ -160,7 +149,7 @@ def test_the_operator_check_refuses_file_operators_in_a_real_job(
 ):
     target = tmp_path / "escaped-by-check.pt"
     target_or_secret = (str(target), 8) if hostile is FileReader else (str(target),)
-    job_id = submit(service, teacher_file(hostile(*target_or_secret)), dataset_bytes)
+    job_id = hostile_job(service, hostile(*target_or_secret), dataset_bytes)
     run_soft_label(service.ctx, job_id)
     job = service.http.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "unsafe_operator", job["error"]
@@ -181,7 +170,7 @@ def test_a_teacher_cannot_write_outside_its_job_folder(
         repository / f"escaped-{secrets.token_hex(4)}.bin",
     ]
     for target in targets:
-        job_id = submit(service, teacher_file(writer(str(target))), dataset_bytes)
+        job_id = hostile_job(service, writer(str(target)), dataset_bytes)
         job = run_unguarded(job_id, service.ctx.sandbox)
         assert not target.exists()
         if writer is SharedMapWriter:
@@ -196,7 +185,7 @@ def test_a_teacher_cannot_write_outside_its_job_folder(
 def test_control_the_same_writer_unconfined_does_write(service, run_unguarded, dataset_bytes, tmp_path):
     """Without the sandbox the hostile writer works: the test above fails if the sandbox does nothing."""
     target = tmp_path / "escaped-unconfined.bin"
-    job_id = submit(service, teacher_file(FileWriter(str(target))), dataset_bytes)
+    job_id = hostile_job(service, FileWriter(str(target)), dataset_bytes)
     run_unguarded(job_id, Sandbox("off"))
     assert target.exists()
 
@@ -206,7 +195,7 @@ def test_a_teacher_reads_nothing_of_the_worker_and_leaks_no_byte(
 ):
     for name, path in secret_files.items():
         size = min(path.stat().st_size, 47) if path.stat().st_size else 1
-        job_id = submit(service, teacher_file(FileReader(str(path), size)), dataset_bytes)
+        job_id = hostile_job(service, FileReader(str(path), size), dataset_bytes)
         job = run_unguarded(job_id, service.ctx.sandbox)
         assert job["status"] == "failed", (name, job)
         assert "No such file" in job["error"]["message"], (name, job["error"])
@@ -237,7 +226,7 @@ def _who(work: Path, config: dict, on_progress) -> str:
 def test_a_worker_without_bubblewrap_refuses_user_models(service, tmp_path):
     marker = tmp_path / "ran-unconfined"
     ctx = dataclasses.replace(service.ctx, sandbox=Sandbox("bwrap", bwrap=str(tmp_path / "no-bwrap")))
-    job_id = submit(service, teacher_file(FileWriter(str(marker))), ("train.npz", b""))
+    job_id = hostile_job(service, FileWriter(str(marker)), ("train.npz", b""))
     run_soft_label(ctx, job_id)
     job = service.http.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] in ("queued", "soft_labeling"), job  # handed back for a worker that can sandbox

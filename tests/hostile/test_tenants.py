@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.db.session import Database, session_scope
-from app.jobs import service
+from app.jobs import lifecycle
 from app.storage import LocalStorage, keys
 from tests.app.conftest import Tenant
 from tests.app.conftest import alice as alice  # noqa: F401  (fixtures reused)
@@ -27,7 +27,7 @@ from tests.app.conftest import enqueuer as enqueuer  # noqa: F401
 from tests.app.conftest import pg_url as pg_url  # noqa: F401
 from tests.app.conftest import settings as settings  # noqa: F401
 from tests.app.conftest import storage as storage  # noqa: F401
-from tests.app.helpers import inputs, job_body
+from tests.support.api import inputs, job_body
 
 PUBLIC = {"/healthz", "/readyz"}
 MISSING = {"file_id": "file_0000000000000000", "job_id": "job_0000000000000000", "name": "student.onnx"}
@@ -43,10 +43,10 @@ def alices_things(
     teacher, dataset = inputs(client, alice.headers)
     job = client.post("/v1/jobs", headers=alice.headers, json=job_body(teacher, dataset)).json()
     with session_scope(db) as session:
-        tenant_id = service.get_job_for_worker(session, job["id"]).tenant_id  # type: ignore[union-attr]
+        tenant_id = lifecycle.get_job_for_worker(session, job["id"]).tenant_id  # type: ignore[union-attr]
         key = keys.artifact_key(tenant_id, job["id"], "student.onnx")
         size, sha = storage.put_stream(key, iter([b"onnx bytes"]))
-        service.add_artifact(session, job["id"], "student.onnx", key, size, sha, "application/octet-stream")
+        lifecycle.add_artifact(session, job["id"], "student.onnx", key, size, sha, "application/octet-stream")
     return {"file_id": teacher, "job_id": job["id"], "name": "student.onnx", "dataset_id": dataset}
 
 

@@ -18,6 +18,7 @@ import torch
 from onnx import TensorProto, helper
 
 from tests.hostile.conftest import assert_failed_fast, run_until_verdict
+from tests.support.data import npz_bytes, onnx_external_weight
 from worker.distill.config import DistillConfig
 from worker.distill.errors import TeacherError
 from worker.distill.teachers import load_teacher
@@ -65,11 +66,9 @@ def test_a_pickle_student_init_with_a_payload_never_runs(service, teacher_bytes,
 
 def test_an_npz_dataset_holding_pickled_objects_never_runs(service, teacher_bytes, tmp_path):
     marker = tmp_path / "pwned"
-    buffer = io.BytesIO()
     x = np.empty(2, dtype=object)
     x[0], x[1] = Payload(marker), Payload(marker)
-    np.savez(buffer, x=x, y=np.zeros(2, np.int64))
-    job, _ = run_until_verdict(service, teacher_bytes, ("data.npz", buffer.getvalue()))
+    job, _ = run_until_verdict(service, teacher_bytes, ("data.npz", npz_bytes(x=x, y=np.zeros(2, np.int64))))
     assert job["status"] == "failed" and job["error"]["code"] == "bad_dtype", job
     assert not marker.exists()
 
@@ -109,17 +108,12 @@ def test_malformed_safetensors_are_a_teacher_error_not_a_crash(tmp_path, blob):
 
 
 def onnx_with_external_data(location: str) -> bytes:
-    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[8, 3])
-    weight.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", "96")):
-        entry = weight.external_data.add()
-        entry.key, entry.value = key, value
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["logits"])],
         "external",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 3])],
-        initializer=[weight],
+        initializer=[onnx_external_weight(location)],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 

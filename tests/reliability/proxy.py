@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import threading
 
-from tests.reliability.stack import free_port
+from tests.support.processes import free_port
 
 
 class TcpProxy:

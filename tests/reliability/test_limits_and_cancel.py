@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.db.session import Database, session_scope
-from app.jobs import service
+from app.jobs import lifecycle
 from tests.app.conftest import REDIS_URL, Tenant
 from tests.app.conftest import alice as alice  # noqa: F401  (fixtures reused)
 from tests.app.conftest import app as app  # noqa: F401
@@ -23,7 +23,7 @@ from tests.app.conftest import engine as engine  # noqa: F401
 from tests.app.conftest import enqueuer as enqueuer  # noqa: F401
 from tests.app.conftest import pg_url as pg_url  # noqa: F401
 from tests.app.conftest import storage as storage  # noqa: F401
-from tests.app.helpers import assert_problem, inputs, job_body
+from tests.support.api import assert_problem, inputs, job_body
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def submit(client: TestClient, tenant: Tenant, files: tuple[str, str], key: str 
 
 def start(db: Database, job_id: str) -> None:  # noqa: F811
     with session_scope(db) as session:
-        assert service.claim_stage(session, job_id, "queued", "soft_labeling", "w1") is not None
+        assert lifecycle.claim_stage(session, job_id, "queued", "soft_labeling", "w1") is not None
 
 
 def test_queued_and_active_caps_answer_429_with_retry_after(
@@ -100,8 +100,8 @@ def test_cancelling_a_finished_job_is_409(
             ("distilling", "evaluating"),
             ("evaluating", "exporting"),
         ):
-            assert service.claim_stage(session, job_id, src, dst, "w1") is not None
-        assert service.finish_job(session, job_id)
+            assert lifecycle.claim_stage(session, job_id, src, dst, "w1") is not None
+        assert lifecycle.finish_job(session, job_id)
     body = assert_problem(
         client.post(f"/v1/jobs/{job_id}/cancel", headers=alice.headers), 409, "job_finished"
     )

@@ -12,12 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
-from app.config import Settings
-from app.db import Database, session_scope
-from app.main import create_app
-from app.tenants import service as tenants
 from tests.reliability.proxy import TcpProxy
-from tests.reliability.stack import RedisServer, postgres_database, wait_until
+from tests.reliability.stack import api_settings
+from tests.support.data import npz_bytes
+from tests.support.processes import RedisServer, wait_until
+from tests.support.services import api_client, postgres_database
 
 pytestmark = pytest.mark.e2e
 
@@ -34,26 +33,13 @@ def requests(http: TestClient, file_id: str, dataset: bytes) -> dict[str, Any]:
 
 
 def test_the_api_answers_503_while_postgres_is_unreachable_and_recovers_without_a_restart(tmp_path):
-    buf = tmp_path / "d.npz"
-    np.savez(buf, x=np.zeros((4, 2), np.float32), y=np.zeros(4, np.int64))
-    dataset = buf.read_bytes()
-    redis = RedisServer(tmp_path / "redis")
-    redis.start()
-    try:
-        with postgres_database() as direct, TcpProxy("127.0.0.1", 5432) as proxy:
+    dataset = npz_bytes(x=np.zeros((4, 2), np.float32), y=np.zeros(4, np.int64))
+    with RedisServer(tmp_path / "redis") as redis:
+        with postgres_database("distill_rel") as direct, TcpProxy("127.0.0.1", 5432) as proxy:
             url = (
                 make_url(direct).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
             )
-            settings = Settings(
-                data_dir=tmp_path / "api",
-                database_url=url,
-                broker_url=redis.url,
-                storage_path=tmp_path / "obj",
-            )
-            db = Database.from_settings(settings)
-            with session_scope(db) as session:
-                key = tenants.create_key(session, "acme")
-            with TestClient(create_app(settings, db=db), headers={"Authorization": f"Bearer {key}"}) as http:
+            with api_client(api_settings(tmp_path, url, redis.url)) as http:
                 r = http.post("/v1/files", data={"purpose": "dataset"}, files={"file": ("d.npz", dataset)})
                 assert r.status_code == 201, r.text
                 file_id = r.json()["id"]
@@ -91,6 +77,3 @@ def test_the_api_answers_503_while_postgres_is_unreachable_and_recovers_without_
                     "ready": 200,
                 }
                 assert len(http.get("/v1/files").json()["data"]) >= 2
-            db.dispose()
-    finally:
-        redis.stop()

@@ -12,7 +12,8 @@ import torch
 from sqlalchemy.engine import make_url
 
 from tests.reliability.proxy import TcpProxy
-from tests.reliability.stack import FIXED_JOB, blob_job_inputs, stack, submit, upload, wait_until
+from tests.reliability.stack import FIXED_JOB, blob_job_inputs, stack
+from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(1)
@@ -28,9 +29,9 @@ def test_a_postgres_outage_under_a_running_worker_loses_no_write_and_no_attempt(
         proxied = make_url(s.database_url).set(host="127.0.0.1", port=proxy.port)
         s.worker_database_url = proxied.render_as_string(hide_password=False)
         s.worker_settings["worker_lease_s"] = 30  # the outage is shorter than the lease
-        teacher, dataset = upload(s.http, "teacher", teacher_path), upload(s.http, "dataset", dataset_path)
+        teacher, dataset = s.upload_inputs((teacher_path, dataset_path))
         s.start_worker("worker")
-        job_id = submit(s.http, teacher, dataset, CONFIG)
+        job_id = s.submit(teacher, dataset, CONFIG)
 
         def epochs() -> list[int]:
             return [e["data"]["epoch"] for e in s.events(job_id) if e["kind"] == "epoch"]

@@ -6,42 +6,32 @@ from __future__ import annotations
 import sqlite3
 from datetime import timedelta
 
-import pytest
-
 from app.db import session_scope
 from app.db.base import utcnow
-from app.jobs import service as jobs
-from tests.worker.conftest import Service
+from app.jobs import lifecycle
+from tests.support.services import Embedded
 from tests.worker.conftest import service as service  # noqa: F401  (fixtures reused)
 from tests.worker.conftest import submit_job as submit_job  # noqa: F401
 from tests.worker.conftest import tiny_inputs as tiny_inputs  # noqa: F401
-from worker.celery_app import celery_app
 from worker.reaper import reap_once
 from worker.tasks.jobs import run_distill, run_soft_label
 
 LATER = timedelta(hours=1)
 
 
-@pytest.fixture(autouse=True)
-def fresh_broker_connection(service):  # noqa: F811
-    """The worker's Celery app caches its producer pool; each test's service has its own broker file."""
-    celery_app._pool = None
-    celery_app.amqp._producer_pool = None
-
-
-def drop_messages(svc: Service) -> None:
+def drop_messages(svc: Embedded) -> None:
     """What a crash between commit and enqueue, or a broker that lost its queue, leaves behind."""
     with sqlite3.connect(svc.broker_file) as conn:
         conn.execute("DELETE FROM kombu_message")
 
 
-def take_and_die(svc: Service, job_id: str, expected: str, stage: str, worker_id: str) -> None:
+def take_and_die(svc: Embedded, job_id: str, expected: str, stage: str, worker_id: str) -> None:
     """A worker claims the stage and is SIGKILLed: its lease is simply never renewed nor released."""
     with session_scope(svc.ctx.db) as session:
-        assert jobs.claim_stage(session, job_id, expected, stage, worker_id, lease_s=30) is not None
+        assert lifecycle.claim_stage(session, job_id, expected, stage, worker_id, lease_s=30) is not None
 
 
-def kinds(svc: Service, job_id: str) -> list[str]:
+def kinds(svc: Embedded, job_id: str) -> list[str]:
     return [e["kind"] for e in svc.http.get(f"/v1/jobs/{job_id}/events").json()["data"]]
 
 

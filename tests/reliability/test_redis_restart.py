@@ -11,8 +11,9 @@ import torch
 
 from app.config import Settings
 from app.queue import DISTILL_QUEUE, enqueue_stage, make_celery_client
-from tests.reliability.stack import stack, submit, upload, wait_until
+from tests.reliability.stack import stack
 from tests.reliability.test_worker_sigkill import CONFIG, inputs  # noqa: F401  (the module-scoped fixture)
+from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(1)
@@ -20,14 +21,11 @@ torch.set_num_threads(1)
 
 def test_a_redis_restart_mid_distill_still_ends_in_one_success(tmp_path, inputs):  # noqa: F811
     with stack(tmp_path) as s:
-        teacher, dataset = upload(s.http, "teacher", inputs[0]), upload(s.http, "dataset", inputs[1])
+        teacher, dataset = s.upload_inputs(inputs)
         s.start_worker("worker-a")
-        job_id = submit(s.http, teacher, dataset, {**CONFIG, "epochs": 5})
+        job_id = s.submit(teacher, dataset, {**CONFIG, "epochs": 5})
 
-        def distill_epoch() -> bool:
-            return any(e["kind"] == "epoch" for e in s.events(job_id))
-
-        wait_until(distill_epoch, 60, "the first distill epoch")
+        s.wait_for_epoch(job_id, 1)
         assert s.job(job_id)["status"] == "distilling"
         s.redis.stop()  # SIGKILL, no persistence: the unacked delivery and every queue are lost
         time.sleep(3)
@@ -64,10 +62,10 @@ def test_a_job_submitted_while_redis_is_down_is_accepted_and_runs_once_it_is_bac
     """The row is committed before the enqueue; a broker that is down makes the enqueue fail after commit,
     which the API logs and answers 201 for (the job exists). The reaper re-sends a queued job nobody took."""
     with stack(tmp_path) as s:
-        teacher, dataset = upload(s.http, "teacher", inputs[0]), upload(s.http, "dataset", inputs[1])
+        teacher, dataset = s.upload_inputs(inputs)
         s.redis.stop()
         started = time.monotonic()
-        job_id = submit(s.http, teacher, dataset, {**CONFIG, "epochs": 2})  # asserts 201
+        job_id = s.submit(teacher, dataset, {**CONFIG, "epochs": 2})  # asserts 201
         assert time.monotonic() - started < 10, "the broker outage must not hang the request"
         assert s.job(job_id)["status"] == "queued"
 

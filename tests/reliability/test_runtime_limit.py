@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.worker.conftest import Service
+from tests.support import api
+from tests.support.api import tiny_job
+from tests.support.processes import run_in_thread, stage_child
+from tests.support.services import Embedded
 from tests.worker.conftest import service as service  # noqa: F401  (fixtures reused)
 from tests.worker.conftest import tiny_inputs as tiny_inputs  # noqa: F401
-from tests.worker.test_task_faults import run_in_thread, stage_child
 from worker.distill.students import build_student
 from worker.tasks.jobs import run_distill, run_soft_label
 
@@ -23,40 +25,12 @@ pytestmark = pytest.mark.e2e
 torch.set_num_threads(1)
 
 
-def submit(svc: Service, inputs: tuple[Path, Path], **fields: object) -> str:
-    ids = []
-    for purpose, path in zip(("teacher", "dataset"), inputs, strict=True):
-        with path.open("rb") as fh:
-            r = svc.http.post("/v1/files", data={"purpose": purpose}, files={"file": (path.name, fh)})
-        ids.append(r.json()["id"])
-    body = {
-        "teacher_file_ids": [ids[0]],
-        "dataset_file_id": ids[1],
-        "student": "mlp:hidden=8",
-        # Far more epochs than the test waits for: only a stop ends this run.
-        "config": {
-            "epochs": 5000,
-            "method": "hinton",
-            "temperature": 2.0,
-            "alpha": 0.5,
-            "baseline": False,
-            "export_formats": ["torchscript"],
-        },
-        **fields,
-    }
-    r = svc.http.post("/v1/jobs", json=body)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
+def endless_job(svc: Embedded, inputs: tuple[Path, Path], **fields: object) -> str:
+    """A job of far more epochs than the test waits for: only a stop ends it."""
+    return api.submit(svc.http, *inputs, **tiny_job(5000), **fields)
 
 
-def wait_for_epoch(svc: Service, job_id: str, epoch: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while (svc.http.get(f"/v1/jobs/{job_id}").json()["epoch"] or 0) < epoch:
-        assert time.monotonic() < deadline, "training never reached the epoch"
-        time.sleep(0.1)
-
-
-def partial_student_accuracy(svc: Service, job_id: str, dataset: Path) -> float:
+def partial_student_accuracy(svc: Embedded, job_id: str, dataset: Path) -> float:
     r = svc.http.get(f"/v1/jobs/{job_id}/artifacts/partial_student.pt")
     assert r.status_code == 200
     student = build_student("mlp:hidden=8", (8,), 3)
@@ -67,12 +41,8 @@ def partial_student_accuracy(svc: Service, job_id: str, dataset: Path) -> float:
     return float((predicted == data["y"]).mean())
 
 
-def artifact_names(svc: Service, job_id: str) -> set[str]:
-    return {a["name"] for a in svc.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
-
-
 def test_max_runtime_s_is_part_of_the_job_and_validated(service, tiny_inputs):  # noqa: F811
-    job_id = submit(service, tiny_inputs, max_runtime_s=3600)
+    job_id = endless_job(service, tiny_inputs, max_runtime_s=3600)
     assert service.http.get(f"/v1/jobs/{job_id}").json()["max_runtime_s"] == 3600
     body = {"teacher_file_ids": ["f"], "dataset_file_id": "d", "max_runtime_s": 0}
     r = service.http.post("/v1/jobs", json=body)
@@ -90,7 +60,7 @@ def stopped_with_exit_status(caplog: pytest.LogCaptureFixture, job_id: str) -> l
 
 def test_a_job_past_its_max_runtime_fails_with_timeout_and_keeps_the_student(service, tiny_inputs, caplog):  # noqa: F811
     caplog.set_level(logging.INFO, logger="worker.tasks.jobs")
-    job_id = submit(service, tiny_inputs, max_runtime_s=25)
+    job_id = endless_job(service, tiny_inputs, max_runtime_s=25)
     run_soft_label(service.ctx, job_id)
     started = time.monotonic()
     thread = run_in_thread(run_distill, service.ctx, job_id)
@@ -105,18 +75,18 @@ def test_a_job_past_its_max_runtime_fails_with_timeout_and_keeps_the_student(ser
     assert job["status"] == "failed" and job["error"]["code"] == "timeout", job
     assert "max_runtime_s of 25 s" in job["error"]["message"]
     assert job["epoch"] >= 1
-    assert artifact_names(service, job_id) == {"soft_labels_manifest.json", "partial_student.pt"}
+    assert api.artifact_names(service.http, job_id) == {"soft_labels_manifest.json", "partial_student.pt"}
     assert partial_student_accuracy(service, job_id, tiny_inputs[1]) > 0.8  # trained weights, not an init
     assert not service.ctx.work_dir(job_id).exists()
 
 
 def test_cancel_with_keep_partial_keeps_the_last_student_checkpoint(service, tiny_inputs, caplog):  # noqa: F811
     caplog.set_level(logging.INFO, logger="worker.tasks.jobs")
-    job_id = submit(service, tiny_inputs)
+    job_id = endless_job(service, tiny_inputs)
     run_soft_label(service.ctx, job_id)
     thread = run_in_thread(run_distill, service.ctx, job_id)
     child = stage_child()
-    wait_for_epoch(service, job_id, 5)
+    api.wait_for_epoch(service.http, job_id, 5)
     r = service.http.post(f"/v1/jobs/{job_id}/cancel", params={"keep_partial": "true"})
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     thread.join(60)
@@ -124,6 +94,6 @@ def test_cancel_with_keep_partial_keeps_the_last_student_checkpoint(service, tin
     assert stopped_with_exit_status(caplog, job_id) == [0]
 
     assert service.http.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
-    assert artifact_names(service, job_id) == {"soft_labels_manifest.json", "partial_student.pt"}
+    assert api.artifact_names(service.http, job_id) == {"soft_labels_manifest.json", "partial_student.pt"}
     assert partial_student_accuracy(service, job_id, tiny_inputs[1]) > 0.6  # chance is 1/3
     assert not service.ctx.work_dir(job_id).exists()

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from tests.reliability.stack import proxied_s3, stack, submit, upload, wait_until
+from tests.reliability.stack import proxied_s3, stack
 from tests.reliability.test_worker_sigkill import CONFIG, inputs  # noqa: F401  (the module-scoped fixture)
 
 pytestmark = pytest.mark.e2e
@@ -18,10 +18,10 @@ OUTAGE_S = 60.0  # the issue's "unavailable for a minute"; the worker's retry bu
 
 def test_uploads_retry_through_a_minute_long_storage_outage_and_the_job_succeeds(tmp_path, inputs):  # noqa: F811
     with proxied_s3() as (s3, proxy), stack(tmp_path, **s3) as s:
-        teacher, dataset = upload(s.http, "teacher", inputs[0]), upload(s.http, "dataset", inputs[1])
+        teacher, dataset = s.upload_inputs(inputs)
         s.start_worker("worker-a")
-        job_id = submit(s.http, teacher, dataset, {**CONFIG, "epochs": 5})
-        wait_until(lambda: any(e["kind"] == "epoch" for e in s.events(job_id)), 60, "the first distill epoch")
+        job_id = s.submit(teacher, dataset, {**CONFIG, "epochs": 5})
+        s.wait_for_epoch(job_id, 1)
 
         proxy.down(listen=True)  # every request to the store is cut: checkpoint mirrors, then artifacts
         time.sleep(OUTAGE_S)

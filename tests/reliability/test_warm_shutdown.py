@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.reliability.stack import FIXED_JOB, blob_job_inputs, stack, submit, upload, wait_until
+from tests.reliability.stack import FIXED_JOB, blob_job_inputs, stack
 
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(1)
@@ -28,14 +28,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_sigterm_mid_distill_checkpoints_hands_back_and_resumes(tmp_path, inputs):
     with stack(tmp_path) as s:
-        teacher, dataset = upload(s.http, "teacher", inputs[0]), upload(s.http, "dataset", inputs[1])
+        teacher, dataset = s.upload_inputs(inputs)
         first = s.start_worker("worker-a")
-        job_id = submit(s.http, teacher, dataset, CONFIG)
+        job_id = s.submit(teacher, dataset, CONFIG)
 
-        def distill_epoch() -> bool:
-            return any(e["kind"] == "epoch" and (e["data"].get("epoch") or 0) >= 2 for e in s.events(job_id))
-
-        wait_until(distill_epoch, 60, "a second distill epoch")
+        s.wait_for_epoch(job_id, 2)
         asked = time.monotonic()
         first.send_signal(signal.SIGTERM)  # the worker process only, as `docker stop` does
         first.wait(GRACE_S)  # raises if the worker does not stop within the grace time

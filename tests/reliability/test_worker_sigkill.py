@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.numpy import load as load_safetensors
 
-from tests.reliability.stack import FIXED_JOB, blob_job_inputs, kill_group, stack, submit, upload, wait_until
+from tests.reliability.stack import FIXED_JOB, blob_job_inputs, stack
+from tests.support.processes import kill_group
 
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(1)
@@ -32,14 +33,11 @@ def weights(http, job_id: str) -> dict[str, np.ndarray]:  # type: ignore[no-unty
 
 def test_a_sigkilled_worker_mid_distill_resumes_to_the_same_weights(tmp_path, inputs):
     with stack(tmp_path) as s:
-        teacher, dataset = upload(s.http, "teacher", inputs[0]), upload(s.http, "dataset", inputs[1])
+        teacher, dataset = s.upload_inputs(inputs)
         first = s.start_worker("worker-a")
-        job_id = submit(s.http, teacher, dataset, CONFIG)
+        job_id = s.submit(teacher, dataset, CONFIG)
 
-        def distill_epoch() -> bool:
-            return any(e["kind"] == "epoch" and (e["data"].get("epoch") or 0) >= 3 for e in s.events(job_id))
-
-        wait_until(distill_epoch, 60, "a third distill epoch")
+        s.wait_for_epoch(job_id, 3)
         kill_group(first)  # SIGKILL: no hand-back, no release; only the lease tells
         assert s.job(job_id)["status"] == "distilling"
 
@@ -53,7 +51,7 @@ def test_a_sigkilled_worker_mid_distill_resumes_to_the_same_weights(tmp_path, in
         first_epoch = next(e["data"]["epoch"] for e in after if e["kind"] == "epoch")
         assert first_epoch > 1  # picked up from the mirrored checkpoint, not trained again from scratch
 
-        reference = submit(s.http, teacher, dataset, CONFIG)  # the same job, never interrupted
+        reference = s.submit(teacher, dataset, CONFIG)  # the same job, never interrupted
         assert s.wait_finished(reference, 60)["status"] == "succeeded"
         got, want = weights(s.http, job_id), weights(s.http, reference)
         assert got.keys() == want.keys()

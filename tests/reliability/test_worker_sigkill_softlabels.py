@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.reliability.stack import FIXED_JOB, kill_group, stack, submit, upload, wait_until
+from tests.reliability.stack import FIXED_JOB, stack
+from tests.support.data import write_inputs
+from tests.support.processes import kill_group, wait_until
 
 pytestmark = pytest.mark.e2e
 torch.set_num_threads(1)
@@ -33,9 +35,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         torch.nn.Linear(768, 3),
     ).eval()
     y = teacher(torch.from_numpy(x)).argmax(-1).detach().numpy()
-    torch.jit.save(torch.jit.script(teacher), folder / "teacher.pt")
-    np.savez(folder / "train.npz", x=x, y=y.astype(np.int64))
-    return folder / "teacher.pt", folder / "train.npz"
+    return write_inputs(folder, teacher, x, y.astype(np.int64))
 
 
 def shards(http, job_id: str) -> dict:  # type: ignore[no-untyped-def]
@@ -46,9 +46,9 @@ def shards(http, job_id: str) -> dict:  # type: ignore[no-untyped-def]
 
 def test_a_sigkilled_worker_mid_soft_labelling_gives_the_same_logits(tmp_path, inputs):
     with stack(tmp_path) as s:
-        teacher, dataset = upload(s.http, "teacher", inputs[0]), upload(s.http, "dataset", inputs[1])
+        teacher, dataset = s.upload_inputs(inputs)
         first = s.start_worker("worker-a")
-        job_id = submit(s.http, teacher, dataset, CONFIG)
+        job_id = s.submit(teacher, dataset, CONFIG)
         folder = s.scratch("worker-a", job_id) / "soft_labels"
         wait_until(lambda: len(list(folder.glob("train-*.npz"))) >= 3, 60, "three finished shards", 0.02)
         kill_group(first)
@@ -63,7 +63,7 @@ def test_a_sigkilled_worker_mid_soft_labelling_gives_the_same_logits(tmp_path, i
         kinds = [e["kind"] for e in s.events(job_id)]
         assert kinds.count("worker_lost") == 1 and kinds.count("resumed") == 1, kinds
 
-        reference = submit(s.http, teacher, dataset, CONFIG)
+        reference = s.submit(teacher, dataset, CONFIG)
         assert s.wait_finished(reference, 60)["status"] == "succeeded"
         got, want = shards(s.http, job_id), shards(s.http, reference)
         assert got == want and len(want["train"]["shards"]) > 3

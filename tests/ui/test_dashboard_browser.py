@@ -14,7 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.client.service import FAST_CONFIG, Service, embedded_service, make_problem
+from tests.support.api import FAST_CONFIG
+from tests.support.data import gaussian_problem
+from tests.support.services import Served, served
 
 pytestmark = pytest.mark.e2e
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
@@ -30,8 +32,8 @@ STATES = ["queued", "soft_labeling", "distilling", "evaluating", "exporting", "s
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with embedded_service(tmp_path_factory.mktemp("serve")) as s:
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with served(tmp_path_factory.mktemp("serve")) as s:
         yield s
 
 
@@ -59,9 +61,9 @@ def fetch_in_page(driver: Any, url: str) -> list[Any]:
         }).catch((e) => done([0, 0, String(e)]));""", url)
 
 
-def test_start_a_job_from_the_form_and_watch_it_succeed(service: Service, browser: Any,
+def test_start_a_job_from_the_form_and_watch_it_succeed(service: Served, browser: Any,
                                                        tmp_path: Path) -> None:
-    problem = make_problem(tmp_path / "problem")
+    problem = gaussian_problem(tmp_path / "problem")
     wait = WebDriverWait(browser, 30)
     browser.get(f"{service.url}/ui/")
     wait.until(lambda d: "/ui/login" in d.current_url)

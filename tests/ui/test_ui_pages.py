@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.client.inprocess import Local, local_app
+from tests.support.services import Local, local_app
 
 PAGES = ["/ui/", "/ui/login", "/ui/new", "/ui/jobs/job_0123abcd"]
 

@@ -4,64 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
+from tests.support.api import submit, tiny_job
+from tests.support.data import write_inputs
+from tests.support.processes import run_in_thread, stage_child
 from worker.tasks.jobs import run_distill, run_soft_label
-
-
-@dataclass(frozen=True)
-class StageProcess:
-    """The interpreter that runs a stage, seen from the host (inside the sandbox its pid is 2)."""
-
-    pid: int
-
-    def is_alive(self) -> bool:
-        try:
-            return _stat(self.pid)[0] not in ("Z", "X")
-        except OSError:
-            return False
-
-
-def _stat(pid: int) -> tuple[str, int]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1])  # state, parent pid
-
-
-def _descends_from_us(pid: int) -> bool:
-    while pid > 1:
-        pid = _stat(pid)[1]
-        if pid == os.getpid():
-            return True
-    return False
-
-
-def stage_child(timeout: float = 60) -> StageProcess:
-    """This test process's stage child: the Python started by worker.supervisor (not the bwrap around it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in Path("/proc").iterdir():
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-                if (
-                    proc.name.isdigit()
-                    and b"worker.stage_child" in b" ".join(argv)
-                    and not argv[0].endswith(b"bwrap")
-                    and _descends_from_us(int(proc.name))
-                ):
-                    return StageProcess(int(proc.name))
-            except OSError:
-                continue
-        time.sleep(0.05)
-    raise AssertionError("no stage process started")
-
-
-def run_in_thread(fn, *args) -> threading.Thread:  # type: ignore[no-untyped-def]
-    thread = threading.Thread(target=fn, args=args, daemon=True)
-    thread.start()
-    return thread
 
 
 def kill_stage(task, service, job_id: str) -> None:  # type: ignore[no-untyped-def]
@@ -134,8 +82,6 @@ def test_cancel_stops_a_running_soft_label_stage_within_seconds(service, tmp_pat
     import numpy as np
     import torch
 
-    from tests.worker.conftest import submit
-
     class SlowTeacher(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -149,11 +95,10 @@ def test_cancel_stops_a_running_soft_label_stage_within_seconds(service, tmp_pat
                 h = torch.tanh(h @ self.w)
             return self.head(h)
 
-    torch.jit.save(torch.jit.script(SlowTeacher().eval()), tmp_path / "slow.pt")
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(1200, 8)).astype(np.float32)
-    np.savez(tmp_path / "data.npz", x=x, y=rng.integers(0, 3, 1200).astype(np.int64))
-    job_id = submit(service.http, tmp_path / "slow.pt", tmp_path / "data.npz", shard_size=10)
+    x, y = rng.normal(size=(1200, 8)).astype(np.float32), rng.integers(0, 3, 1200).astype(np.int64)
+    teacher, dataset = write_inputs(tmp_path, SlowTeacher().eval(), x, y)
+    job_id = submit(service.http, teacher, dataset, **tiny_job(shard_size=10))
     mid_way = lambda j: 0 < j["progress"] < 0.5  # noqa: E731 - read as "once the job is mid-way"
     job = cancel_mid_stage(service, run_soft_label, job_id, mid_way, "soft labelling")
     assert job["status"] == "cancelled" and job["timestamps"].get("distilling") is None
