@@ -97,6 +97,9 @@ class Sandbox:
             "/dev",
         ]
         args += _system_mounts()
+        # CPU topology only (no other /sys): BLAS, OpenMP and onnxruntime size their thread pools from it.
+        if Path("/sys/devices/system/cpu").is_dir():
+            args += ["--ro-bind", "/sys/devices/system/cpu", "/sys/devices/system/cpu"]
         # /tmp first: the work folder itself often lives under the host's /tmp, and a later bind wins.
         tmp = work / SANDBOX_TMP
         tmp.mkdir(parents=True, exist_ok=True)
