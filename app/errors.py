@@ -92,7 +92,8 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-_UNION_TAGS = ("float", "int", "str", "bool", "none", "list", "dict")
+# ...and the tag of a job config's task (a tagged union on the request's `task`)
+_UNION_TAGS = ("float", "int", "str", "bool", "none", "list", "dict", "classification", "causal_lm")
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

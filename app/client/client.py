@@ -68,12 +68,15 @@ class Client:
         return FileInfo.from_dict(self._json("GET", f"/v1/files/{file_id}", idempotent=True))
 
     # jobs
-    def create_job(self, *, teacher: list[str] | str, dataset: str, student: str = "mlp:hidden=128",
+    def create_job(self, *, teacher: list[str] | str, dataset: str, student: str | None = None,
                    config: dict[str, Any] | None = None, validation: str | None = None,
                    student_init: str | None = None, metadata: dict[str, Any] | None = None,
-                   webhook_url: str | None = None, idempotency_key: str | None = None) -> Job:
-        """Submits a job. Every retry reuses one Idempotency-Key, so a retried submit never makes two jobs."""
+                   webhook_url: str | None = None, idempotency_key: str | None = None,
+                   task: str = "classification") -> Job:
+        """Submits a job (`task`: classification, or causal_lm for a language model; `student` unset: the
+        task's default). Every retry reuses one Idempotency-Key, so a retried submit never makes two jobs."""
         body = {
+            "task": task,
             "teacher_file_ids": [teacher] if isinstance(teacher, str) else list(teacher),
             "dataset_file_id": dataset, "validation_file_id": validation, "student": student,
             "student_init_file_id": student_init, "config": config or {}, "metadata": metadata or {},

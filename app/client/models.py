@@ -32,6 +32,7 @@ class FileInfo:
 class Job:
     id: str
     status: str
+    task: str
     stage: str | None
     progress: float
     epoch: int | None
@@ -58,7 +59,8 @@ class Job:
     def from_dict(cls, d: dict[str, Any]) -> Job:
         # Field for field the server's `JobOut` (tests/app/test_config_mirror.py holds them equal).
         return cls(
-            id=d["id"], status=d["status"], stage=d.get("stage"), progress=float(d.get("progress") or 0.0),
+            id=d["id"], status=d["status"], task=d.get("task", "classification"), stage=d.get("stage"),
+            progress=float(d.get("progress") or 0.0),
             epoch=d.get("epoch"), metrics=d.get("metrics") or {}, error=d.get("error"),
             config=d.get("config") or {}, metadata=d.get("metadata") or {},
             teacher_file_ids=list(d.get("teacher_file_ids") or []),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 SOFT_LABEL_FORMATS = ("full", "topk")
 OPTIMIZERS = ("adamw", "sgd")
@@ -17,17 +17,26 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
 METHODS = ("dist", "dkd", "hinton", "mse_logits", "soft_target")
 STUDENTS = ("cnn", "logreg", "mlp", "resnet")
+LM_STUDENTS = ("causal_lm", "teacher_layers")
+LM_METHODS = ("ce", "fkl", "gkd", "rkl")
+LM_SOFT_LABEL_FORMATS = ("topk", "sampled")
+LM_EXPORT_FORMATS = ("hf",)
+TASKS = ("classification", "causal_lm")
+# Per-format default k: top-64 (DistillKit's figure), or 12 draws for sampled targets (Anshumann et al.).
+LM_DEFAULT_K = {"topk": 64, "sampled": 12}
 TEACHER_FORMATS = ("auto", "torchscript", "onnx", "safetensors", "state_dict")
 
 
-def parse_model_spec(spec: str, field: str) -> tuple[str, dict[str, Any]]:
+def parse_model_spec(
+    spec: str, field: str, known: tuple[str, ...] = STUDENTS
+) -> tuple[str, dict[str, Any]]:
     """`"mlp:hidden=128,64;dropout=0.1"` -> `("mlp", {...})`; the same grammar as the core's parser."""
     name, _, rest = spec.strip().partition(":")
     name = name.strip()
     if not name:
         raise ValueError(f"empty model spec {spec!r}; expected e.g. 'mlp:hidden=128'")
-    if name not in STUDENTS:
-        raise ValueError(f"unknown architecture {name!r} in {field}; known: {', '.join(STUDENTS)}")
+    if name not in known:
+        raise ValueError(f"unknown architecture {name!r} in {field}; known: {', '.join(known)}")
     params: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in rest.split(";"))):
         key, eq, value = part.partition("=")
@@ -48,10 +57,10 @@ def _non_finite(text: str) -> bool:
         return False
 
 
-def model_spec(value: str, field: str) -> str:
+def model_spec(value: str, field: str, known: tuple[str, ...] = STUDENTS) -> str:
     if len(value) > 500:
         raise ValueError("model spec is longer than 500 characters")
-    parse_model_spec(value, field)
+    parse_model_spec(value, field, known)
     return value.strip()
 
 
@@ -89,6 +98,9 @@ class DistillConfigSchema(BaseModel):
     """Every DistillConfig setting except `student` (a top-level field of the job request)."""
 
     model_config = STRICT
+
+    # The request's `task`, copied in to pick this schema (not stored: the job has a column for it).
+    task: Literal["classification"] = Field(default="classification", exclude=True)
 
     teacher_format: Literal[TEACHER_FORMATS] = "auto"  # type: ignore[valid-type]
     teacher_arch: str | None = None
@@ -135,3 +147,70 @@ class DistillConfigSchema(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("export formats must not repeat")
         return value
+
+
+Prompt = Annotated[str, Field(max_length=2000)]
+
+
+class LMConfigSchema(BaseModel):
+    """Every `worker.distill.lm_config.LMConfig` setting of a `causal_lm` job except `student`. Settings
+    whose default depends on the task are resolved at submission (`resolved()`), so the config shown is the
+    config run."""
+
+    model_config = STRICT
+
+    task: Literal["causal_lm"] = "causal_lm"
+    method: Literal[("auto", *LM_METHODS)] = "auto"  # type: ignore[valid-type]
+    temperature: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] = "auto"
+    alpha: Literal["auto"] | Annotated[float, Field(ge=0, le=1)] = "auto"
+    method_params: dict[str, float] = Field(default_factory=dict, max_length=4)
+    soft_label_format: Literal[LM_SOFT_LABEL_FORMATS] = "topk"  # type: ignore[valid-type]
+    topk: int | None = Field(default=None, ge=1, le=1024)
+    max_length: int = Field(default=128, ge=8, le=8192)
+    text_column: str = Field(default="text", min_length=1, max_length=200)
+    pack: bool = True
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    epochs: int = Field(default=4, ge=1, le=1000)
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    weight_decay: float = Field(default=0.01, ge=0, le=10)
+    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    shard_rows: int = Field(default=256, ge=1, le=1_000_000)
+    checkpoint_every_steps: int | None = Field(default=None, ge=1)
+    baseline: bool = True
+    export_formats: list[Literal[LM_EXPORT_FORMATS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(LM_EXPORT_FORMATS), min_length=1, max_length=1
+    )
+    generation_prompts: list[Prompt] | None = Field(default=None, max_length=16)
+    max_new_tokens: int = Field(default=32, ge=1, le=1024)
+
+    @field_validator("method_params")
+    @classmethod
+    def _only_beta(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - {"beta"})
+        if unknown:
+            raise ValueError(f"unknown method parameter(s) {unknown}; known: beta (gkd)")
+        if not 0.0 <= value.get("beta", 0.5) <= 1.0:
+            raise ValueError("beta must be between 0 and 1")
+        return value
+
+    def resolved(self) -> dict[str, Any]:
+        """`auto` for a language model means forward KL at T=1 with no CE term (a search is not yet worth
+        its cost: the report says so); `topk` unset means the format's default k."""
+        data = self.model_dump(mode="json")
+        if data["method"] == "auto":
+            data["method"] = "fkl"
+        for key, default in (("temperature", 1.0), ("alpha", 1.0)):
+            if data[key] == "auto":
+                data[key] = default
+        if data["topk"] is None:
+            data["topk"] = LM_DEFAULT_K[data["soft_label_format"]]
+        return data
+
+    @model_validator(mode="after")
+    def _sampled_needs_forward_kl(self) -> LMConfigSchema:
+        if self.soft_label_format == "sampled" and self.method in ("rkl", "gkd"):
+            raise ValueError("sampled targets train with fkl only: rkl and gkd need the teacher's log-probs")
+        return self
+

@@ -32,7 +32,9 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
 
-    # What to run: the resolved DistillConfig (student included) and the input files.
+    # What to run: the task, its resolved config (student included, defaults of the task filled in at
+    # submission: the config shown is the config run) and the input files.
+    task: Mapped[str] = mapped_column(String(32), default="classification", server_default="classification")
     config: Mapped[dict[str, Any]] = mapped_column(JSONType)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
     teacher_file_ids: Mapped[list[str]] = mapped_column(JSONType)

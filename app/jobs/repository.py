@@ -44,6 +44,7 @@ _JOBS = Job.__table__
 _VIEW_COLUMNS = (
     "id",
     "status",
+    "task",
     "stage",
     "progress",
     "epoch",
@@ -98,6 +99,7 @@ _EMPTY: Any = literal_column("'{}'::jsonb")
 _JSON_FIELDS: dict[str, Any] = {
     "id": _C.id,
     "status": _C.status,
+    "task": _C.task,
     "stage": _C.stage,
     "progress": _C.progress,
     "epoch": _C.epoch,

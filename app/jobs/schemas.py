@@ -2,11 +2,27 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, Field, field_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from app.jobs.config_schema import STRICT, DistillConfigSchema, model_spec
+from app.jobs.config_schema import (
+    LM_STUDENTS,
+    STRICT,
+    STUDENTS,
+    DistillConfigSchema,
+    LMConfigSchema,
+    model_spec,
+)
 from app.jobs.state import TIMESTAMP_STATES
 
 MAX_METADATA_BYTES = 16 * 1024
@@ -14,27 +30,55 @@ MAX_METADATA_BYTES = 16 * 1024
 
 # Ids are ours (`file_<hex>`): anything else is refused here, before it reaches SQL.
 FileId = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")]
+Task = Literal["classification", "causal_lm"]
+DEFAULT_STUDENT = {"classification": "mlp:hidden=128", "causal_lm": "causal_lm"}
+STUDENT_NAMES = {"classification": STUDENTS, "causal_lm": LM_STUDENTS}
+
+
+def _config_task(value: Any) -> str:
+    return str(value.get("task", "classification") if isinstance(value, dict) else value.task)
+
+
+# The config's schema is the task's; `_task_into_config` copies the request's `task` in to choose it.
+TaskConfig = Annotated[
+    Annotated[DistillConfigSchema, Tag("classification")] | Annotated[LMConfigSchema, Tag("causal_lm")],
+    Discriminator(_config_task),
+]
 
 
 class JobCreate(BaseModel):
     model_config = STRICT
 
+    # `classification` (every job before language models) or `causal_lm` (token-level KD of a language
+    # model); a text classifier is a classification job whose teacher is a transformer.
+    task: Task = "classification"
     teacher_file_ids: list[FileId] = Field(min_length=1, max_length=8)
     dataset_file_id: FileId
     validation_file_id: FileId | None = None
-    student: str = "mlp:hidden=128"
+    # unset: the task's default (an MLP; a causal LM half the teacher's size)
+    student: str | None = Field(default=None, validate_default=True)
     student_init_file_id: FileId | None = None
-    config: DistillConfigSchema = Field(default_factory=DistillConfigSchema)
+    config: TaskConfig = Field(default_factory=DistillConfigSchema)
     metadata: dict[str, Any] = Field(default_factory=dict)
     webhook_url: AnyHttpUrl | None = None
     # Wall-clock seconds from the first stage's start; past it the job fails with `timeout` and keeps the
     # last student checkpoint as the artifact `partial_student.pt`.
     max_runtime_s: int | None = Field(default=None, ge=1, le=30 * 24 * 3600)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_into_config(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("config", {}), dict):
+            task = data.get("task", "classification")
+            if task in STUDENT_NAMES:  # anything else fails on `task` itself
+                data = {**data, "config": {**data.get("config", {}), "task": task}}
+        return data
+
     @field_validator("student")
     @classmethod
-    def _student(cls, value: str) -> str:
-        return model_spec(value, "student")
+    def _student_of_the_task(cls, value: str | None, info: ValidationInfo) -> str:
+        task = info.data.get("task", "classification")
+        return model_spec(DEFAULT_STUDENT[task] if value is None else value, "student", STUDENT_NAMES[task])
 
     @field_validator("teacher_file_ids")
     @classmethod
@@ -55,7 +99,10 @@ class JobCreate(BaseModel):
         return value
 
     def distill_config(self) -> dict[str, Any]:
-        """The resolved settings the worker hands to `DistillConfig.from_dict` (student included)."""
+        """The resolved settings the worker hands to `DistillConfig.from_dict` or, for a language model,
+        `LMConfig.from_dict` (student included; the task's defaults filled in)."""
+        if isinstance(self.config, LMConfigSchema):
+            return {**self.config.resolved(), "student": self.student}
         return {**self.config.model_dump(mode="json"), "student": self.student}
 
 
@@ -67,6 +114,7 @@ class JobError(BaseModel):
 class JobOut(BaseModel):
     id: str
     status: str
+    task: str
     stage: str | None
     progress: float
     epoch: int | None
@@ -92,6 +140,7 @@ def job_out(job: Any) -> JobOut:
     return JobOut(
         id=job.id,
         status=job.status,
+        task=job.task,
         stage=job.stage,
         progress=job.progress,
         epoch=job.epoch,

@@ -64,6 +64,7 @@ def create_job(
     job = Job(
         tenant_id=tenant_id,
         status="queued",
+        task=request.task,
         config=request.distill_config(),
         metadata_=request.metadata,
         teacher_file_ids=request.teacher_file_ids,

@@ -15,7 +15,9 @@ core_config = pytest.importorskip("worker.distill.config")
 
 def test_every_core_setting_is_accepted_and_nothing_else() -> None:
     core_fields = {f.name for f in dataclasses.fields(core_config.DistillConfig)} - {"student"}
-    assert set(config_schema.DistillConfigSchema.model_fields) == core_fields
+    # `task` picks the schema (copied from the request, excluded from what is stored)
+    api_fields = set(config_schema.DistillConfigSchema.model_fields) - {"task"}
+    assert api_fields == core_fields
     core_pre = {f.name for f in dataclasses.fields(core_config.Preprocess)}
     assert set(config_schema.PreprocessSchema.model_fields) == core_pre
 
@@ -86,3 +88,21 @@ def test_the_clients_job_has_every_field_the_api_shows() -> None:
     client_fields = [f.name for f in dataclasses.fields(ClientJob) if f.name != "raw"]
     assert client_fields == list(JobOut.model_fields)
     assert TERMINAL_STATES == frozenset(TERMINAL)
+
+
+def test_every_lm_setting_is_accepted_and_the_core_reads_what_the_api_stores() -> None:
+    lm_config = pytest.importorskip("worker.distill.lm_config")
+    core_fields = {f.name for f in dataclasses.fields(lm_config.LMConfig)} - {"student"}
+    assert set(config_schema.LMConfigSchema.model_fields) == core_fields
+    request = JobCreate(task="causal_lm", teacher_file_ids=["file_a"], dataset_file_id="file_b")
+    stored = request.distill_config()
+    assert (stored["student"], stored["method"], stored["topk"]) == ("causal_lm", "fkl", 64)
+    lm_config.LMConfig.from_dict(stored)  # the worker's first step must not fail on our output
+    gkd = JobCreate(
+        task="causal_lm",
+        teacher_file_ids=["file_a"],
+        dataset_file_id="file_b",
+        student="teacher_layers:keep=0,2",
+        config={"method": "gkd", "method_params": {"beta": 0.3}, "temperature": 2},
+    ).distill_config()
+    assert lm_config.LMConfig.from_dict(gkd).beta == 0.3

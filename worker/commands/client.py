@@ -88,7 +88,10 @@ def _target(out: Path, name: str, *, single: bool) -> Path:
 def submit(
     teacher: Annotated[list[str], typer.Option(help="teacher file (repeat for an ensemble) or file id")],
     dataset: Annotated[str, typer.Option(help="training data file or file id")],
-    student: Annotated[str, typer.Option(help="student spec, e.g. mlp:hidden=128")] = "mlp:hidden=128",
+    student: Annotated[
+        str | None, typer.Option(help="student spec: mlp:hidden=128, causal_lm:layers=4 (task default)")
+    ] = None,
+    task: Annotated[str, typer.Option(help="classification or causal_lm")] = "classification",
     validation: Annotated[str | None, typer.Option(help="validation data file or file id")] = None,
     student_init: Annotated[str | None, typer.Option(help="initial student weights file or id")] = None,
     method: Annotated[str | None, typer.Option(help="auto (default), hinton, dist, dkd, ...")] = None,
@@ -118,7 +121,7 @@ def submit(
         init_id = _file_id(client, student_init, "student_init", as_json) if student_init else None
         job = client.create_job(teacher=teachers, dataset=data_id, student=student, config=config,
                                 validation=val_id, student_init=init_id, metadata=_pairs(meta, "--meta"),
-                                webhook_url=webhook_url, idempotency_key=idempotency_key)
+                                webhook_url=webhook_url, idempotency_key=idempotency_key, task=task)
         if not wait:
             _emit(as_json, job_dict(job), f"{job.id} {job.status}")
             return

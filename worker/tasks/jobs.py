@@ -31,6 +31,7 @@ from app.queue import STAGE_TASKS, TASK_DISTILL, TASK_SOFT_LABEL
 from app.storage import keys
 from app.storage.exceptions import ObjectNotFound, StorageUnavailable
 from worker.distill.errors import DistillError
+from worker.distill.lm_summary import lm_headline
 from worker.distill.summary import headline
 from worker.sandbox import SandboxUnavailable
 from worker.supervisor import StageCrashed, StageError, StageStopped, Step, run_steps
@@ -100,14 +101,14 @@ def register(celery: Celery) -> None:
 def run_soft_label(ctx: WorkerContext, job_id: str) -> None:
     claim = claim_job(ctx, job_id, ("queued", "soft_labeling"), resumable=("soft_labeling",))
     if claim is not None:
-        run_claimed(ctx, claim, "soft_label", steps.SOFT_LABEL_STEPS, _hand_to_distill)
+        run_claimed(ctx, claim, "soft_label", steps.stage_steps("soft_label", claim.config), _hand_to_distill)
 
 
 def run_distill(ctx: WorkerContext, job_id: str) -> None:
     resumable = ("distilling", "evaluating", "exporting")
     claim = claim_job(ctx, job_id, ("soft_labeling", "distilling"), resumable=resumable)
     if claim is not None:
-        run_claimed(ctx, claim, "distill", steps.DISTILL_STEPS, _publish_and_succeed)
+        run_claimed(ctx, claim, "distill", steps.stage_steps("distill", claim.config), _publish_and_succeed)
 
 
 def claim_job(
@@ -283,7 +284,8 @@ def _final_metrics(report_path: Path) -> dict[str, Any] | None:
     try:
         if report_path.stat().st_size > MAX_REPORT_BYTES:
             return None
-        return headline(json.loads(report_path.read_bytes()))
+        report = json.loads(report_path.read_bytes())
+        return lm_headline(report) if report.get("task") == "causal_lm" else headline(report)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         log.warning("job report %s unreadable; the job keeps its last metrics", report_path)
         return None

@@ -86,6 +86,67 @@ def partial_student_step(work: Path, config: dict[str, Any], on_progress: OnProg
     return PARTIAL_STUDENT
 
 
+# ---- causal language models (task `causal_lm`): the same steps over token windows ---------------------
+
+
+def _lm_config(config: dict[str, Any]) -> Any:
+    from worker.distill.lm_config import LMConfig
+
+    return LMConfig.from_dict(config)
+
+
+def lm_preflight_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
+    from worker.distill import lm_pipeline
+
+    return lm_pipeline.lm_preflight(work, _lm_config(config))
+
+
+def lm_soft_label_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
+    from worker.distill import lm_pipeline
+
+    return lm_pipeline.lm_soft_label(work, _lm_config(config), on_progress)
+
+
+def lm_distill_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
+    from worker.distill import lm_pipeline
+    from worker.distill.lm_train import Stopped
+
+    # As distill_step: SIGTERM from the parent becomes the training loop's `stop`.
+    requested: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.append(signum))
+    try:
+        return lm_pipeline.lm_distill(work, _lm_config(config), on_progress, stop=lambda: bool(requested))
+    except Stopped:
+        raise SystemExit(0) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def lm_evaluate_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
+    from worker.distill import lm_pipeline
+
+    return lm_pipeline.lm_evaluate(work, _lm_config(config))
+
+
+def lm_export_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> list[str]:
+    from worker.distill import lm_pipeline
+
+    return [Path(p).name for p in lm_pipeline.lm_export(work, _lm_config(config))]
+
+
 PARTIAL_STUDENT = "partial_student.pt"
 SOFT_LABEL_STEPS = [("preflight", preflight_step), ("soft_label", soft_label_step)]
 DISTILL_STEPS = [("distill", distill_step), ("evaluate", evaluate_step), ("export", export_step)]
+LM_SOFT_LABEL_STEPS = [("preflight", lm_preflight_step), ("soft_label", lm_soft_label_step)]
+LM_DISTILL_STEPS = [("distill", lm_distill_step), ("evaluate", lm_evaluate_step), ("export", lm_export_step)]
+# The steps of each stage, by the job's task (its config carries it; classification jobs never had one).
+STAGE_STEPS = {
+    ("soft_label", "classification"): SOFT_LABEL_STEPS,
+    ("distill", "classification"): DISTILL_STEPS,
+    ("soft_label", "causal_lm"): LM_SOFT_LABEL_STEPS,
+    ("distill", "causal_lm"): LM_DISTILL_STEPS,
+}
+
+
+def stage_steps(stage: str, config: dict[str, Any]) -> list[tuple[str, Any]]:
+    return STAGE_STEPS[(stage, str(config.get("task", "classification")))]
