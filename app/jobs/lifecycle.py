@@ -234,6 +234,42 @@ def add_artifact(
     return artifact
 
 
+# Settings the stored soft labels depend on, by task: with these and the input files' bytes equal, another
+# job's soft labels are this job's (the core checks the same identity again before it trusts a shard).
+SOFT_LABEL_SETTINGS = {
+    "classification": (
+        "teacher_format", "teacher_arch", "label_column", "val_fraction", "preprocess",
+        "soft_label_format", "topk", "shard_size", "seed",
+    ),
+    "causal_lm": (
+        "soft_label_format", "topk", "temperature", "max_length", "text_column", "pack",
+        "val_fraction", "seed", "shard_rows",
+    ),
+}  # fmt: skip
+DONOR_CANDIDATES = 50
+
+
+def soft_label_donor(session: Session, job: Job) -> str | None:
+    """A job of the same tenant whose stored soft labels this job can reuse instead of running its teacher
+    again: same task, same input bytes (sha256 of every teacher, the dataset and the validation file) and
+    same soft-label settings, its soft-label stage finished. None when there is none."""
+    keys = SOFT_LABEL_SETTINGS.get(job.task, ())
+    mine = _input_digests(session, job)
+    settings = {k: job.config.get(k) for k in keys}
+    for other in repository.past_soft_labels_for_tenant(
+        session, job.tenant_id, job.task, job.id, DONOR_CANDIDATES
+    ):
+        if {k: other.config.get(k) for k in keys} == settings and _input_digests(session, other) == mine:
+            return other.id
+    return None
+
+
+def _input_digests(session: Session, job: Job) -> tuple[Any, ...]:
+    files = job_inputs(session, job)
+    optional = files.validation.sha256 if files.validation else None
+    return (tuple(f.sha256 for f in files.teachers), files.dataset.sha256, optional)
+
+
 # ---- an attempt ends: exactly one of these -----------------------------------------------------------------
 
 

@@ -319,3 +319,22 @@ def stale_unleased(session: Session, states: Sequence[str], before: datetime, li
         .limit(limit)
     )
     return list(session.scalars(query))
+
+
+def past_soft_labels_for_tenant(
+    session: Session, tenant_id: str, task: str, exclude_job_id: str, limit: int
+) -> list[Job]:
+    """The tenant's newest jobs of `task` whose soft labels are finished (handed to distillation or
+    later, not failed or cancelled), other than `exclude_job_id`."""
+    done = or_(
+        Job.status.in_(("distilling", "evaluating", "exporting", "succeeded")),
+        and_(Job.status == "soft_labeling", Job.lease_owner.is_(None), Job.progress >= 1.0),
+    )
+    query = (
+        select(Job)
+        .where(Job.tenant_id == tenant_id, Job.task == task, Job.id != exclude_job_id, done)
+        .order_by(Job.created_at.desc())
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+

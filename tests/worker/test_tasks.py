@@ -6,6 +6,7 @@ import io
 
 import torch
 
+from tests.support.api import events, submit, tiny_job
 from worker.tasks.jobs import run_distill, run_soft_label
 
 
@@ -74,3 +75,29 @@ def test_a_delivery_while_another_worker_holds_the_job_is_a_no_op(service, submi
         "status",
         "status",
     ]
+
+
+def test_a_second_job_on_the_same_files_reuses_the_stored_soft_labels(service, submit_job, tiny_inputs):
+    first = submit_job()
+    run_soft_label(service.ctx, first)
+    shards = {p.name: p.read_bytes() for p in (service.ctx.work_dir(first) / "soft_labels").glob("*.npz")}
+
+    # The same teacher and data uploaded again (new file ids, same bytes) and the same soft-label settings;
+    # another student and method: the soft labels do not depend on them.
+    second = submit(
+        service.http, *tiny_inputs, **tiny_job(method="soft_target", temperature=3.0, alpha=0.7)
+    )
+    run_soft_label(service.ctx, second)
+    job = service.http.get(f"/v1/jobs/{second}").json()
+    assert (job["status"], job["progress"]) == ("soft_labeling", 1.0), job
+    assert job["metrics"]["reused"] is True  # the last shard came from the first job, not from the teacher
+    reused = [e["data"] for e in events(service.http, second) if e["kind"] == "soft_labels_reused"]
+    assert reused and reused[0]["from_job"] == first
+    again = {p.name: p.read_bytes() for p in (service.ctx.work_dir(second) / "soft_labels").glob("*.npz")}
+    assert again == shards
+
+    # Different soft-label settings never reuse them (and the donor query is scoped to the tenant).
+    third = submit(service.http, *tiny_inputs, **tiny_job(shard_size=64))
+    run_soft_label(service.ctx, third)
+    assert not [e for e in events(service.http, third) if e["kind"] == "soft_labels_reused"]
+    assert service.http.get(f"/v1/jobs/{third}").json()["metrics"]["reused"] is False

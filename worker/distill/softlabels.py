@@ -192,7 +192,8 @@ def soft_label_stage(
         lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
         name = f"{split}-{i:05d}.npz"
         entry = old_entries.get(name)
-        if entry is None or not _shard_ok(out_dir, entry, hi - lo):
+        reused = entry is not None and _shard_ok(out_dir, entry, hi - lo)
+        if entry is None or not reused:
             starts = range(lo, hi, batch_size)
             parts = [_same_classes(run(x_t[s : min(hi, s + batch_size)]), num_classes) for s in starts]
             entry = _write_shard(out_dir, name, _encode(torch.cat(parts), fmt, k_eff or 0), hi - lo)
@@ -206,7 +207,8 @@ def soft_label_stage(
                     "stage": "soft_label",
                     "progress": (i + 1) / num_shards,
                     "epoch": None,
-                    "metrics": {"split": split, "shard": i, "rows": hi},
+                    # `reused`: the shard was already there (a resumed stage, or another job's soft labels)
+                    "metrics": {"split": split, "shard": i, "rows": hi, "reused": reused},
                 }
             )
 

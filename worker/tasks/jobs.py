@@ -101,7 +101,9 @@ def register(celery: Celery) -> None:
 def run_soft_label(ctx: WorkerContext, job_id: str) -> None:
     claim = claim_job(ctx, job_id, ("queued", "soft_labeling"), resumable=("soft_labeling",))
     if claim is not None:
-        run_claimed(ctx, claim, "soft_label", steps.stage_steps("soft_label", claim.config), _hand_to_distill)
+        donor = _soft_label_donor(ctx, claim)
+        stage_steps = steps.stage_steps("soft_label", claim.config)
+        run_claimed(ctx, claim, "soft_label", stage_steps, _hand_to_distill, reuse_soft_labels_of=donor)
 
 
 def run_distill(ctx: WorkerContext, job_id: str) -> None:
@@ -145,14 +147,20 @@ def run_claimed(
     stage: str,
     stage_steps: Sequence[tuple[str, Step]],
     on_success: Callable[[WorkerContext, Claim], None],
+    *,
+    reuse_soft_labels_of: str | None = None,
 ) -> None:
     """Fetch the inputs, run the steps in the sandboxed child, publish: or end the attempt as `ending_of`
-    says, which is the whole table of what can go wrong."""
+    says, which is the whole table of what can go wrong. `reuse_soft_labels_of`: a job whose stored soft
+    labels are this one's (`lifecycle.soft_label_donor`); they are fetched first, and the stage finds its
+    shards done instead of running the teacher again."""
     work = ctx.work_dir(claim.job_id)
     mirror = WorkMirror(ctx.storage, claim.tenant_id, claim.job_id, work)
     watch = StageWatch(ctx, claim.job_id, claim.status, mirror)
     try:
         inputs.download(claim.files, work)
+        if reuse_soft_labels_of is not None:
+            _reuse_soft_labels(ctx, claim, reuse_soft_labels_of, work)
         mirror.pull()
         run_steps(
             stage_steps,
@@ -238,6 +246,20 @@ def end_attempt(
         _retry(ctx, claim, stage, None, ending.message)
     elif ending.kind == "retry":
         _retry(ctx, claim, stage, ending.code, ending.message)
+
+
+def _soft_label_donor(ctx: WorkerContext, claim: Claim) -> str | None:
+    with session_scope(ctx.db) as session:
+        job = lifecycle.get_job_for_worker(session, claim.job_id)
+        return None if job is None else lifecycle.soft_label_donor(session, job)
+
+
+def _reuse_soft_labels(ctx: WorkerContext, claim: Claim, donor: str, work: Path) -> None:
+    fetched = WorkMirror(ctx.storage, claim.tenant_id, donor, work).pull(("soft_labels",))
+    if fetched:
+        with session_scope(ctx.db) as session:
+            data = {"from_job": donor, "files": fetched}
+            lifecycle.record_event(session, claim.job_id, "soft_labels_reused", data)
 
 
 def _hand_to_distill(ctx: WorkerContext, claim: Claim) -> None:

@@ -112,8 +112,8 @@ class WorkMirror:
                 self.storage.delete(self._key(gone))
         return uploaded
 
-    def pull(self) -> int:
-        """Download what the index names and the work folder lacks; return how many files were fetched."""
+    def pull(self, folders: tuple[str, ...] = MIRRORED) -> int:
+        """Download what the index names (in `folders`) and the work folder lacks; the number fetched."""
         fetched = 0
         for relpath, meta in sorted(
             self.read_index().items(), key=lambda kv: (kv[0].endswith(".json"), kv[0])
@@ -122,6 +122,7 @@ class WorkMirror:
             if (
                 not dest.resolve().is_relative_to(self.work.resolve())
                 or relpath.split("/")[0] not in MIRRORED
+                or relpath.split("/")[0] not in folders
             ):
                 continue  # the index is ours, but a path outside the mirrored folders is never written
             if dest.is_file() and self._digest(relpath)[1] == meta["sha256"]:
