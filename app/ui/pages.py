@@ -68,10 +68,10 @@ def job_page(job_id: str) -> str:
 <section><h2>Stages</h2><ol id="timeline">{steps}</ol></section>
 <section class="charts"><figure><figcaption>Training loss per epoch</figcaption>
 <svg id="loss-chart" viewBox="0 0 480 260" role="img" aria-label="training loss"></svg></figure>
-<figure><figcaption>Validation accuracy per epoch (dashed: teacher)</figcaption>
+<figure><figcaption id="acc-caption">Validation accuracy per epoch (dashed: teacher)</figcaption>
 <svg id="acc-chart" viewBox="0 0 480 260" role="img" aria-label="validation accuracy"></svg>
 </figure></section>
-<section><h2>Evaluation</h2><table id="report"><thead><tr><th></th><th>Accuracy</th><th>Agreement</th>
+<section><h2>Evaluation</h2><table id="report"><thead><tr><th></th><th id="quality-head">Accuracy</th><th>Agreement</th>
 <th>Parameters</th><th>Size</th><th>Latency</th></tr></thead><tbody></tbody></table>
 <p id="report-summary" class="hint">The report appears when the job has been evaluated.</p></section>
 <section><h2>Downloads</h2><ul id="artifacts"></ul></section>

@@ -17,6 +17,7 @@
   };
   const LOSS = ["loss", "train_loss"];
   const VAL_ACC = ["val_acc", "val_accuracy"];
+  const VAL_PPL = ["val_perplexity"];  // a causal-LM job's held-out perplexity: lower is better
   const TEACHER_ACC = ["teacher_val_acc", "teacher_accuracy", "teacher_acc"];
 
   async function loadEvents() {
@@ -46,7 +47,7 @@
       name,
       points: [...byEpoch].filter(([, m]) => first(m, keys) !== undefined).map(([x, m]) => [x, first(m, keys)]),
     }));
-    return { loss: series(LOSS), acc: series(VAL_ACC) };
+    return { loss: series(LOSS), acc: series(VAL_ACC), ppl: series(VAL_PPL) };
   }
 
   function teacherAccuracy(job) {
@@ -92,13 +93,25 @@
       li.querySelector(".when").textContent = at ? fmt.time(at) + took : "";
     });
 
-    const { loss, acc: accSeries } = epochSeries();
-    const teacher = teacherAccuracy(job);
+    const { loss, acc: accSeries, ppl } = epochSeries();
     Chart.draw(document.getElementById("loss-chart"), { series: loss });
-    Chart.draw(document.getElementById("acc-chart"), {
-      series: accSeries, refs: teacher !== undefined ? [{ name: "teacher", y: teacher }] : [],
-      yMax: 1, format: (v) => `${(100 * v).toFixed(0)}%`,
-    });
+    if (job.task === "causal_lm") {
+      // Perplexity curves: the distilled student and its CE-only baseline per epoch, the teacher dashed.
+      const splits = (manifest && manifest.splits) || {};
+      const teacherPpl = first(job.metrics, ["teacher_perplexity"]) ?? first(splits.val, ["teacher_perplexity"]);
+      document.getElementById("acc-caption").textContent = "Held-out perplexity per epoch (dashed: teacher)";
+      document.getElementById("quality-head").textContent = "Perplexity";
+      Chart.draw(document.getElementById("acc-chart"), {
+        series: ppl, refs: teacherPpl !== undefined ? [{ name: "teacher", y: teacherPpl }] : [],
+        yMin: 0, format: (v) => v.toFixed(1),
+      });
+    } else {
+      const teacher = teacherAccuracy(job);
+      Chart.draw(document.getElementById("acc-chart"), {
+        series: accSeries, refs: teacher !== undefined ? [{ name: "teacher", y: teacher }] : [],
+        yMax: 1, format: (v) => `${(100 * v).toFixed(0)}%`,
+      });
+    }
 
     const list = document.getElementById("events");
     list.replaceChildren(...events.slice(-200).map((e) =>
@@ -110,7 +123,8 @@
     if (!report) return;
     const rows = [["teacher", report.teacher], ["student", report.student], ["baseline", report.baseline]];
     document.querySelector("#report tbody").replaceChildren(...rows.filter(([, r]) => r).map(([name, r]) =>
-      el("tr", { "data-model": name }, el("th", { text: name }), el("td", { text: fmt.pct(r.accuracy) }),
+      el("tr", { "data-model": name }, el("th", { text: name }),
+        el("td", { text: typeof r.perplexity === "number" ? r.perplexity.toFixed(2) : fmt.pct(r.accuracy) }),
         el("td", { text: fmt.pct(r.agreement) }), el("td", { text: fmt.int(r.parameters) }),
         el("td", { text: fmt.bytes(r.bytes) }),
         el("td", { text: typeof r.latency_ms === "number" ? `${r.latency_ms.toFixed(2)} ms` : "–" }))));
