@@ -35,8 +35,12 @@ DEFAULT_STUDENT = {"classification": "mlp:hidden=128", "causal_lm": "causal_lm"}
 STUDENT_NAMES = {"classification": STUDENTS, "causal_lm": LM_STUDENTS}
 
 
-def _config_task(value: Any) -> str:
-    return str(value.get("task", "classification") if isinstance(value, dict) else value.task)
+def _config_task(value: Any) -> str | None:
+    """The config's task tag; None (a 422 on `config`) for anything that is not a config object."""
+    if isinstance(value, (DistillConfigSchema, LMConfigSchema)):
+        return value.task
+    task = value.get("task", "classification") if isinstance(value, dict) else None
+    return task if isinstance(task, str) else None
 
 
 # The config's schema is the task's; `_task_into_config` copies the request's `task` in to choose it.
@@ -70,7 +74,7 @@ class JobCreate(BaseModel):
     def _task_into_config(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("config", {}), dict):
             task = data.get("task", "classification")
-            if task in STUDENT_NAMES:  # anything else fails on `task` itself
+            if isinstance(task, str) and task in STUDENT_NAMES:  # anything else fails on `task` itself
                 data = {**data, "config": {**data.get("config", {}), "task": task}}
         return data
 

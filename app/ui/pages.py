@@ -71,8 +71,8 @@ def job_page(job_id: str) -> str:
 <figure><figcaption id="acc-caption">Validation accuracy per epoch (dashed: teacher)</figcaption>
 <svg id="acc-chart" viewBox="0 0 480 260" role="img" aria-label="validation accuracy"></svg>
 </figure></section>
-<section><h2>Evaluation</h2><table id="report"><thead><tr><th></th><th id="quality-head">Accuracy</th><th>Agreement</th>
-<th>Parameters</th><th>Size</th><th>Latency</th></tr></thead><tbody></tbody></table>
+<section><h2>Evaluation</h2><table id="report"><thead><tr><th></th><th id="quality-head">Accuracy</th>
+<th>Agreement</th><th>Parameters</th><th>Size</th><th>Latency</th></tr></thead><tbody></tbody></table>
 <p id="report-summary" class="hint">The report appears when the job has been evaluated.</p></section>
 <section><h2>Downloads</h2><ul id="artifacts"></ul></section>
 <section><h2>Events</h2><ol id="events" class="events"></ol></section>"""
