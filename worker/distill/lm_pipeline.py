@@ -142,6 +142,11 @@ def _teacher(w: Work, device: str | torch.device) -> LMTeacher:
     return _last_teacher[key]
 
 
+def load_job_teacher(work: Path, device: str | torch.device = "cpu") -> LMTeacher:
+    """The job's teacher, loaded as the stages load it and kept for them (benchmarks time the load apart)."""
+    return _teacher(Work(Path(work)), device)
+
+
 def forget_lm_teacher() -> None:
     """Drop the kept teacher (a long-lived process between jobs; tests)."""
     _last_teacher.clear()
