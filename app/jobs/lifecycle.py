@@ -158,7 +158,7 @@ def claim_stage(
             raise ValueError(f"only a running stage can be resumed, not {new!r}")
         if not repository.take_lease(session, job_id, expected, worker_id, until, now):
             return None
-        job = _refresh(session, job_id)
+        job = refresh(session, job_id)
         record_event(
             session, job_id, "resumed", {"stage": new, "worker_id": worker_id, "attempt": job.attempts}
         )
@@ -171,7 +171,7 @@ def claim_stage(
         lease["attempts"] = Job.attempts + 1
     if not transition(session, job_id, new, expected=expected, values=lease, event={"worker_id": worker_id}):
         return None
-    return _refresh(session, job_id)
+    return refresh(session, job_id)
 
 
 def renew_lease(session: Session, job_id: str, worker_id: str, *, lease_s: int = DEFAULT_LEASE_S) -> bool:
@@ -376,7 +376,8 @@ def reap(session: Session, now: datetime, stale_after_s: float, batch: int) -> R
 # ---- helpers -----------------------------------------------------------------------------------------------
 
 
-def _refresh(session: Session, job_id: str) -> Job:
+def refresh(session: Session, job_id: str) -> Job:
+    """The job as the database has it now (a Core UPDATE may have changed the row under the session)."""
     job = repository.get(session, job_id, fresh=True)
     if job is None:
         raise JobNotFound()

@@ -191,8 +191,8 @@ def cancel_job(session: Session, tenant_id: str, job_id: str, *, keep_partial: b
     `keep_partial`: the worker that stops the stage uploads the last student checkpoint first."""
     get_job(session, tenant_id, job_id)
     if not lifecycle.cancel(session, job_id, keep_partial=keep_partial):
-        raise JobFinished(_refresh(session, job_id).status)
-    return _refresh(session, job_id)
+        raise JobFinished(lifecycle.refresh(session, job_id).status)
+    return lifecycle.refresh(session, job_id)
 
 
 def list_artifacts(session: Session, tenant_id: str, job_id: str) -> list[Artifact]:
@@ -206,10 +206,3 @@ def get_artifact(session: Session, tenant_id: str, job_id: str, name: str) -> Ar
     if artifact is None:
         raise ArtifactNotFound(name)
     return artifact
-
-
-def _refresh(session: Session, job_id: str) -> Job:
-    job = repository.get(session, job_id, fresh=True)
-    if job is None:
-        raise JobNotFound()
-    return job

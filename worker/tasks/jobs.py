@@ -194,8 +194,10 @@ def ending_of(exc: Exception, claim: Claim) -> Ending:
             return Ending(
                 "timeout", "timeout", f"the job ran past its max_runtime_s of {claim.max_runtime_s} s"
             )
-        if exc.reason in ("shutdown", "cancelled"):
-            return Ending(exc.reason, message="the worker shut down; the stage resumes on another worker")
+        if exc.reason == "shutdown":
+            return Ending("shutdown", message="the worker shut down; the stage resumes on another worker")
+        if exc.reason == "cancelled":
+            return Ending("cancelled")
         return Ending("ignore", message=exc.reason)
     if isinstance(exc, StageCrashed):
         return Ending("retry", exc.code, exc.message)
