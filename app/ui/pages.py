@@ -34,7 +34,8 @@ def login_page() -> str:
 def jobs_page() -> str:
     body = """<h1>Jobs <a class="button" href="/ui/new">New job</a></h1>
 <table id="jobs"><thead><tr><th>Job</th><th>Status</th><th>Stage</th><th>Progress</th><th>Student</th>
-<th>Created</th></tr></thead><tbody></tbody></table><p id="jobs-empty" class="hint" hidden>No jobs yet.</p>
+<th>Result</th><th>Created</th></tr></thead><tbody></tbody></table>
+<p id="jobs-empty" class="hint" hidden>No jobs yet.</p>
 <button id="more" hidden>Older jobs</button><p id="error" class="error" role="alert"></p>"""
     return layout("Jobs", body, "jobs.js")
 

@@ -24,6 +24,12 @@ def test_distill_demo_trains_serves_distils_and_prints_the_table(tmp_path: Path)
     rows = {m[0]: m[1:] for m in re.findall(r"^(teacher|student \(distilled\)) +(\S+)% +(\S+)%", out, re.M)}
     teacher_test, student_test = float(rows["teacher"][1]), float(rows["student (distilled)"][1])
     assert teacher_test > 85 and student_test > 80, out  # ten classes: chance is 10%
+    # The KD gain reads like the table: signed, one decimal, the student's val acc less the baseline's (to
+    # within the three roundings to one decimal).
+    baseline_val = float(re.search(r"^baseline \(hard labels\) +(\S+)%", out, re.M).group(1))
+    gain = re.search(r"KD gain over baseline: ([+-]\d+\.\d) points$", out, re.M)
+    assert gain, out
+    assert abs(float(gain.group(1)) - (float(rows["student (distilled)"][0]) - baseline_val)) < 0.16, out
     assert (tmp_path / ".distill" / "demo" / "student.pt").is_file()
     assert "succeeded" in result.stderr  # progress was shown while it ran
     # The background server is gone: nothing listens on the port it announced.

@@ -1,22 +1,30 @@
 """The dashboard in headless Chromium against `distill serve`: log in with the API key, start a job from
 the form, watch it reach `succeeded`, check the curves drew their points and the download link returns the
-student, and save a screenshot (also to $DISTILL_SCREENSHOT_DIR when set)."""
+student, and save a screenshot (also to $DISTILL_SCREENSHOT_DIR when set). Then, against the API alone with
+jobs walked through their states by hand: each curve named in words beside a stroke sample, and each job's
+result in the list."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
+from app.jobs import lifecycle
 from tests.support.api import FAST_CONFIG
 from tests.support.data import gaussian_problem
-from tests.support.services import Served, served
+from tests.support.processes import free_port, wait_until
+from tests.support.services import Local, Served, local_app, served
 
 pytestmark = pytest.mark.e2e
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
@@ -49,6 +57,26 @@ def browser() -> Iterator[Any]:
     driver.quit()
 
 
+def log_in(driver: Any, url: str, key: str) -> None:
+    """Open the dashboard at `url`, which sends us to the login form; enter `key`; land on the job list."""
+    wait = WebDriverWait(driver, 30)
+    driver.get(f"{url}/ui/")
+    wait.until(lambda d: "/ui/login" in d.current_url)
+    driver.find_element(By.ID, "api-key").send_keys(key)
+    driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    wait.until(lambda d: d.current_url.rstrip("/").endswith("/ui"))
+
+
+def legend(driver: Any, chart: str) -> list[tuple[str, str]]:
+    """(name, stroke-dasharray of its sample) of each legend entry of the chart with id `chart`."""
+    entries = driver.find_elements(By.CSS_SELECTOR, f"#{chart} g.legend-entry")
+    return [
+        (e.find_element(By.CSS_SELECTOR, "text").text, e.find_element(By.CSS_SELECTOR, "line.sample")
+         .get_attribute("stroke-dasharray"))
+        for e in entries
+    ]  # fmt: skip
+
+
 def fetch_in_page(driver: Any, url: str) -> list[Any]:
     """What clicking the link fetches, with the browser's own cookies: [status, bytes, sha256 hex]."""
     return driver.execute_async_script("""
@@ -65,11 +93,7 @@ def test_start_a_job_from_the_form_and_watch_it_succeed(service: Served, browser
                                                        tmp_path: Path) -> None:
     problem = gaussian_problem(tmp_path / "problem")
     wait = WebDriverWait(browser, 30)
-    browser.get(f"{service.url}/ui/")
-    wait.until(lambda d: "/ui/login" in d.current_url)
-    browser.find_element(By.ID, "api-key").send_keys(service.api_key)
-    browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
-    wait.until(lambda d: d.current_url.rstrip("/").endswith("/ui"))
+    log_in(browser, service.url, service.api_key)
 
     browser.find_element(By.LINK_TEXT, "New job").click()
     wait.until(lambda d: d.current_url.endswith("/ui/new"))
@@ -96,6 +120,7 @@ def test_start_a_job_from_the_form_and_watch_it_succeed(service: Served, browser
     acc_points = browser.find_elements(By.CSS_SELECTOR, "#acc-chart circle.point")
     assert len(loss_points) >= FAST_CONFIG["epochs"] and len(acc_points) >= FAST_CONFIG["epochs"]
     assert browser.find_elements(By.CSS_SELECTOR, "#acc-chart line.ref"), "no teacher reference line"
+    assert [name for name, _ in legend(browser, "acc-chart")] == ["student (KD)", "teacher"]
 
     expected = {a["name"]: a for a in httpx.get(f"{service.url}/v1/jobs/{job_id}/artifacts", headers={
         "Authorization": f"Bearer {service.api_key}"}).json()["data"]}["student.pt"]
@@ -111,5 +136,116 @@ def test_start_a_job_from_the_form_and_watch_it_succeed(service: Served, browser
     browser.get(f"{service.url}/ui/")
     row = f"#jobs tr[data-job-id='{job_id}'] .badge.succeeded"
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row))
+    # The worker's real headline reaches the list: this job trained no baseline, so no KD gain either.
+    result = browser.find_element(By.CSS_SELECTOR, f"#jobs tr[data-job-id='{job_id}'] td.result").text
+    assert re.fullmatch(r"student \d+\.\d% vs teacher \d+\.\d%", result), result
     logs = browser.get_log("browser")
     assert not [e for e in logs if e["level"] == "SEVERE" and e["source"] != "network"], logs
+
+
+@contextlib.contextmanager
+def serving_in_thread(local: Local) -> Iterator[str]:
+    """`local`'s app (its lifespan already entered by its TestClient) behind uvicorn on a free port, so a
+    browser can reach it; its URL."""
+    port = free_port()
+    config = uvicorn.Config(local.app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+    config.timeout_graceful_shutdown = 1  # the browser's keep-alive connections need not hold the test up
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 20, "uvicorn to start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
+def finish(
+    local: Local, job_id: str, epochs: dict[str, list[dict[str, float]]], headline: dict[str, Any]
+) -> None:
+    """Walk the job through its stages as the worker does: each phase's epochs (the distilled student's, then
+    the baseline's, each from epoch 1), then success with `headline` as the job's metrics."""
+    previous = "queued"
+    for state in ("soft_labeling", "distilling", "evaluating", "exporting"):
+        local.step(lifecycle.claim_stage, job_id, previous, state, "test-worker")
+        if state == "distilling":
+            for phase, records in epochs.items():
+                for epoch, metrics in enumerate(records, 1):
+                    local.step(lifecycle.record_progress, job_id, 0.5, epoch, {"phase": phase, **metrics})
+        previous = state
+    local.step(lifecycle.finish_job, job_id, headline)
+
+
+# Page boxes of the accuracy chart's legend entries, and the top edge of its highest point.
+LEGEND_BOXES = """
+    const svg = document.getElementById("acc-chart");
+    const box = (n) => { const r = n.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+    const tops = [...svg.querySelectorAll("circle.point")].map((c) => box(c)[1]);
+    return {entries: [...svg.querySelectorAll("g.legend-entry")].map(box), top: Math.min(...tops)};"""
+
+
+def check_curves(driver: Any, url: str, job_id: str, names: list[str]) -> None:
+    """The job page's accuracy (or perplexity) chart: its legend names the two runs and the teacher, in that
+    order, each beside a stroke no other line has, drawn as its line is; the loss chart names the runs."""
+    driver.get(f"{url}/ui/jobs/{job_id}")
+    WebDriverWait(driver, 30).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#acc-chart circle.point")) == 4
+    )
+    entries = legend(driver, "acc-chart")
+    assert [name for name, _ in entries] == names
+    assert len({dash for _, dash in entries}) == 3, entries  # solid, dotted, dashed
+    lines = driver.find_elements(By.CSS_SELECTOR, "#acc-chart polyline.line")
+    assert [(n.get_attribute("data-name"), n.get_attribute("stroke-dasharray")) for n in lines] == entries[:2]
+    ref = driver.find_element(By.CSS_SELECTOR, "#acc-chart line.ref")
+    assert ref.get_attribute("data-name") == "teacher" and entries[2][1] == "6 4"
+    assert [name for name, _ in legend(driver, "loss-chart")] == names[:2]
+    # The legend sits above the plot: no entry overlaps another, or the highest point.
+    boxes = driver.execute_script(LEGEND_BOXES)
+    for i, a in enumerate(boxes["entries"]):
+        assert a[3] <= boxes["top"], boxes
+        for b in boxes["entries"][i + 1 :]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], boxes
+
+
+def test_curves_name_every_line_in_words_and_the_list_shows_each_jobs_result(
+    browser: Any, tmp_path: Path
+) -> None:
+    with local_app(tmp_path) as local:
+        key = local.key("acme")
+        classifier = local.submit(key)["id"]
+        finish(local, classifier, {
+            "distill": [{"loss": 1.2, "val_acc": 0.80}, {"loss": 0.7, "val_acc": 0.912}],
+            "baseline": [{"loss": 0.9, "val_acc": 0.78}, {"loss": 0.5, "val_acc": 0.904}],
+        }, {
+            "student_accuracy": 0.912, "teacher_accuracy": 0.93, "baseline_accuracy": 0.904,
+            "kd_gain_points": 0.7801, "agreement": 0.95, "method": "hinton",
+        })  # fmt: skip
+        lm = local.submit(key, task="causal_lm")["id"]
+        finish(local, lm, {
+            "distill": [{"loss": 3.4, "val_perplexity": 31.0}, {"loss": 3.1, "val_perplexity": 24.131}],
+            "baseline": [{"loss": 3.5, "val_perplexity": 33.0}, {"loss": 3.3, "val_perplexity": 26.006}],
+        }, {
+            "teacher_perplexity": 18.3, "student_perplexity": 24.131, "baseline_perplexity": 26.006,
+            "agreement": 0.41, "kl": 0.8, "method": "fkl",
+        })  # fmt: skip
+        waiting = local.submit(key)["id"]
+
+        with serving_in_thread(local) as url:
+            log_in(browser, url, key)
+            WebDriverWait(browser, 30).until(
+                lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs td.result")) == 3
+            )
+            assert "Result" in [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#jobs thead th")]
+            cell = "#jobs tr[data-job-id='{}'] td.result"
+            results = {job: browser.find_element(By.CSS_SELECTOR, cell.format(job)).text for job in (
+                classifier, lm, waiting)}  # fmt: skip
+            assert results == {
+                classifier: "student 91.2% vs teacher 93.0% · KD +0.8 pts vs baseline",
+                lm: "perplexity: student 24.13 vs teacher 18.30 · CE-only baseline 26.01",
+                waiting: "–",
+            }
+            check_curves(browser, url, classifier, ["student (KD)", "baseline (hard labels)", "teacher"])
+            check_curves(browser, url, lm, ["student (KD)", "baseline (CE only)", "teacher"])
+            logs = browser.get_log("browser")
+            assert not [e for e in logs if e["level"] == "SEVERE" and e["source"] != "network"], logs

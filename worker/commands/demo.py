@@ -259,6 +259,9 @@ def print_table(
     def pct(v: float | None) -> str:
         return "    -" if v is None else f"{100 * v:5.1f}%"
 
+    def gain(points: float | None) -> str:  # to the table's one decimal, signed; a -0.0 reads as +0.0
+        return "- (no baseline)" if points is None else f"{round(points, 1) or 0.0:+.1f} points"
+
     base = report.get("baseline") or {}
     rows = [
         ("teacher", report["teacher"].get("accuracy"), t[0], params(teacher), sizes[0], t[1]),
@@ -279,7 +282,7 @@ def print_table(
     typer.echo(
         f"student is {params(teacher) / params(student):.1f}x smaller and {t[1] / s[1]:.1f}x faster "
         f"on CPU; {hp.get('method')} T={hp.get('temperature')} alpha={hp.get('alpha')}; "
-        f"KD gain over baseline: {report.get('kd_gain_points')} points"
+        f"KD gain over baseline: {gain(report.get('kd_gain_points'))}"
     )
     typer.echo(f"student (TorchScript, preprocessing inside): {student_path}")
 

@@ -151,7 +151,7 @@ def _summary(report: dict[str, Any], out: Path) -> str:
     ]
     if b:
         lines.append(
-            f"baseline accuracy  {pct(b.get('accuracy'))}  (KD gain {report.get('kd_gain_points')} points)"
+            f"baseline accuracy  {pct(b.get('accuracy'))}  (KD gain {_points(report.get('kd_gain_points'))})"
         )
     if report.get("speedup"):
         ratio = report.get("compression") or 0
@@ -165,3 +165,8 @@ def _summary(report: dict[str, Any], out: Path) -> str:
 
 def register(app: typer.Typer) -> None:
     app.command("local")(local)
+
+
+def _points(value: object) -> str:
+    """Percentage points as the accuracies beside them read: two decimals, signed."""
+    return f"{value:+.2f} points" if isinstance(value, (int, float)) else "-"

@@ -19,6 +19,16 @@
   const VAL_ACC = ["val_acc", "val_accuracy"];
   const VAL_PPL = ["val_perplexity"];  // a causal-LM job's held-out perplexity: lower is better
   const TEACHER_ACC = ["teacher_val_acc", "teacher_accuracy", "teacher_acc"];
+  // What each run of the distill stage is called on the curves, in words, and the stroke that tells its line
+  // apart without colour: the distilled student solid, its fine-tuning dash-dot, the baseline dotted (the
+  // teacher's reference line is dashed). Listed in legend order; a run not named here keeps its tag.
+  const RUNS = {
+    distill: { name: "student (KD)", color: "#2563eb", dash: "" },
+    student: { name: "student (KD)", color: "#2563eb", dash: "" },
+    finetune: { name: "student (KD, fine-tuned)", color: "#9333ea", dash: "9 3 2 3" },
+    baseline: { name: "baseline (hard labels)", color: "#d97706", dash: "2 3" },
+  };
+  const LM_BASELINE = "baseline (CE only)";  // a causal-LM job's baseline trains on next-token cross-entropy
 
   async function loadEvents() {
     // Page through everything new; each page starts after the last sequence number seen.
@@ -32,7 +42,7 @@
   }
 
   // Per-epoch records; a run tag (autotune trials, baseline) keeps runs on separate lines.
-  function epochSeries() {
+  function epochSeries(lm) {
     const runs = new Map();
     for (const e of events) {
       const d = e.data || {};
@@ -43,11 +53,19 @@
       if (!runs.has(run)) runs.set(run, new Map());
       runs.get(run).set(epoch, m);
     }
-    const series = (keys) => [...runs].map(([name, byEpoch]) => ({
-      name,
+    const order = Object.keys(RUNS);
+    const rank = (run) => (order.includes(run) ? order.indexOf(run) : order.length);
+    const tagged = [...runs].sort(([a], [b]) => rank(a) - rank(b));
+    const series = (keys) => tagged.map(([run, byEpoch]) => ({
+      ...runStyle(run, lm),
       points: [...byEpoch].filter(([, m]) => first(m, keys) !== undefined).map(([x, m]) => [x, first(m, keys)]),
     }));
     return { loss: series(LOSS), acc: series(VAL_ACC), ppl: series(VAL_PPL) };
+  }
+
+  function runStyle(run, lm) {
+    const style = RUNS[run] || { name: run };
+    return run === "baseline" && lm ? { ...style, name: LM_BASELINE } : style;
   }
 
   function teacherAccuracy(job) {
@@ -93,7 +111,7 @@
       li.querySelector(".when").textContent = at ? fmt.time(at) + took : "";
     });
 
-    const { loss, acc: accSeries, ppl } = epochSeries();
+    const { loss, acc: accSeries, ppl } = epochSeries(job.task === "causal_lm");
     Chart.draw(document.getElementById("loss-chart"), { series: loss });
     if (job.task === "causal_lm") {
       // Perplexity curves: the distilled student and its CE-only baseline per epoch, the teacher dashed.

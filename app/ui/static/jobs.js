@@ -11,6 +11,32 @@
     return el("div", { class: "progress small" }, fill);
   }
 
+  const num = (v) => typeof v === "number" && Number.isFinite(v);
+  const points = (v) => {
+    const r = Math.round(10 * v) / 10;
+    return `${r >= 0 ? "+" : ""}${r.toFixed(1)} pts`;  // signed, as the demo prints it; -0 reads as +0.0
+  };
+
+  // A finished job's result in one line, from the headline its report wrote into `metrics` (worker/distill
+  // summary.py and lm_summary.py): accuracy, or for a causal LM held-out perplexity (lower is better).
+  // A job without a headline (running, failed, or its report unreadable) shows a dash.
+  function result(job) {
+    const m = job.metrics || {};
+    if (num(m.student_perplexity)) {
+      const bits = [`perplexity: student ${m.student_perplexity.toFixed(2)}`];
+      if (num(m.teacher_perplexity)) bits[0] += ` vs teacher ${m.teacher_perplexity.toFixed(2)}`;
+      if (num(m.baseline_perplexity)) bits.push(`CE-only baseline ${m.baseline_perplexity.toFixed(2)}`);
+      return bits.join(" · ");
+    }
+    if (num(m.student_accuracy)) {
+      const bits = [`student ${fmt.pct(m.student_accuracy)}`];
+      if (num(m.teacher_accuracy)) bits[0] += ` vs teacher ${fmt.pct(m.teacher_accuracy)}`;
+      if (num(m.kd_gain_points)) bits.push(`KD ${points(m.kd_gain_points)} vs baseline`);
+      return bits.join(" · ");
+    }
+    return "–";
+  }
+
   function row(job) {
     const pct = Math.round(100 * (job.progress || 0));
     return el("tr", { "data-job-id": job.id },
@@ -19,6 +45,7 @@
       el("td", { text: TERMINAL.has(job.status) ? "" : job.stage || "" }),
       el("td", {}, bar(pct), `${pct}%`),
       el("td", { text: (job.config && job.config.student) || "" }),
+      el("td", { class: "result", text: result(job) }),
       el("td", { text: fmt.time(job.created_at) }));
   }
 
