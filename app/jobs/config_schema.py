@@ -152,6 +152,27 @@ class DistillConfigSchema(BaseModel):
 Prompt = Annotated[str, Field(max_length=2000)]
 
 
+class GenerateSchema(BaseModel):
+    """A causal_lm job's `generate` (`worker.distill.lm_config.GENERATE_DEFAULTS`): for a dataset of prompts
+    alone, the teacher writes each completion first, greedy or sampled; the job's artifact generated.jsonl."""
+
+    model_config = STRICT
+
+    max_new_tokens: int = Field(default=128, ge=1, le=1024)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0, le=100)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)  # unset: the job's seed
+
+    @model_validator(mode="after")
+    def _sampling_settings_need_sampling(self) -> GenerateSchema:
+        if not self.do_sample and (self.temperature != 1.0 or self.top_p != 1.0):
+            raise ValueError(
+                "temperature and top_p shape sampling only: set do_sample true, or leave them at 1"
+            )
+        return self
+
+
 class LMConfigSchema(BaseModel):
     """Every `worker.distill.lm_config.LMConfig` setting of a `causal_lm` job except `student`. Settings
     whose default depends on the task are resolved at submission (`resolved()`), so the config shown is the
@@ -184,6 +205,7 @@ class LMConfigSchema(BaseModel):
     )
     generation_prompts: list[Prompt] | None = Field(default=None, max_length=16)
     max_new_tokens: int = Field(default=32, ge=1, le=1024)
+    generate: GenerateSchema | None = None
 
     @field_validator("method_params")
     @classmethod
@@ -197,7 +219,8 @@ class LMConfigSchema(BaseModel):
 
     def resolved(self) -> dict[str, Any]:
         """`auto` for a language model means forward KL at T=1 with no CE term (a search is not yet worth
-        its cost: the report says so); `topk` unset means the format's default k."""
+        its cost: the report says so); `topk` unset means the format's default k; `generate.seed` unset,
+        the job's seed."""
         data = self.model_dump(mode="json")
         if data["method"] == "auto":
             data["method"] = "fkl"
@@ -206,6 +229,8 @@ class LMConfigSchema(BaseModel):
                 data[key] = default
         if data["topk"] is None:
             data["topk"] = LM_DEFAULT_K[data["soft_label_format"]]
+        if data["generate"] is not None and data["generate"]["seed"] is None:
+            data["generate"]["seed"] = data["seed"]
         return data
 
     @model_validator(mode="after")

@@ -243,7 +243,7 @@ SOFT_LABEL_SETTINGS = {
     ),
     "causal_lm": (
         "soft_label_format", "topk", "temperature", "max_length", "text_column", "pack",
-        "val_fraction", "seed", "shard_rows",
+        "val_fraction", "seed", "shard_rows", "generate",
     ),
 }  # fmt: skip
 DONOR_CANDIDATES = 50

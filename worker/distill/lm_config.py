@@ -4,12 +4,14 @@ One plain dataclass, like `config.DistillConfig`: built from a JSON-able dict at
 (`LMConfig.from_dict`), written back into the model card (`to_dict`). The service's API schema mirrors these
 field names. Settings whose defaults depend on others are resolved on construction, so the config stored is
 the config run: `method` "auto" is fkl (and "auto" temperature / alpha are 1: no search is run for language
-models yet), `topk` None is the format's default (64 for top-k, 12 draws for sampled), gkd's `beta` is 0.5.
+models yet), `topk` None is the format's default (64 for top-k, 12 draws for sampled), gkd's `beta` is 0.5,
+and a `generate` object gets every setting it leaves out (GENERATE_DEFAULTS; its `seed` is the job's).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,15 @@ AUTO_MEANS = {"method": "fkl", "temperature": 1.0, "alpha": 1.0}
 MAX_PROMPTS, MAX_PROMPT_CHARS, MAX_NEW_TOKENS = 16, 2000, 1024
 MAX_K, MAX_LENGTH = 4096, 1 << 16
 _FLOATS = ("temperature", "alpha", "lr", "weight_decay", "grad_clip", "val_fraction")
+# Prompt-only datasets: the teacher writes each completion (lm_generate.py). Greedy unless do_sample; a
+# sampled run draws with `seed` (the job's seed when left out), so a rerun writes the same text.
+GENERATE_DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": 128,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_p": 1.0,
+}
+MAX_GENERATE_TEMPERATURE = 100.0
 
 
 @dataclass
@@ -59,7 +70,9 @@ class LMConfig:
     baseline: bool = True  # also train the same student on CE alone, same tokens and steps
     export_formats: list[str] = field(default_factory=lambda: list(LM_EXPORT_FORMATS))
     generation_prompts: list[str] | None = None  # None: the beginnings of the first held-out windows
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # of the report's side-by-side generations (`generate` has its own)
+    # A dataset of prompts alone: the teacher writes the completions first (None: the dataset has them)
+    generate: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # "auto" is accepted where a search would go one day; it is resolved here and stored resolved.
@@ -74,6 +87,12 @@ class LMConfig:
             self.topk = DEFAULT_K[self.soft_label_format]
         if self.method == "gkd" and isinstance(self.method_params, dict):
             self.method_params = {"beta": DEFAULT_BETA, **self.method_params}
+        if isinstance(self.generate, dict):
+            self.generate = {**GENERATE_DEFAULTS, "seed": self.seed, **self.generate}
+            for name in ("temperature", "top_p"):
+                value = self.generate[name]
+                if isinstance(value, int) and not isinstance(value, bool):
+                    self.generate[name] = float(value)
         self.validate()
 
     @property
@@ -99,7 +118,7 @@ class LMConfig:
                 field=unknown[0],
             )
         values = dict(data)
-        for name in ("method_params", "export_formats", "generation_prompts"):  # never share the caller's
+        for name in ("method_params", "export_formats", "generation_prompts", "generate"):  # not the caller's
             if isinstance(values.get(name), (dict, list)):
                 values[name] = type(values[name])(values[name])
         return cls(**values)
@@ -178,6 +197,36 @@ class LMConfig:
             _integer(self.max_new_tokens) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS,
             "max_new_tokens",
             f"an integer in [1, {MAX_NEW_TOKENS}]",
+        )
+        self._validate_generate(need)
+
+    def _validate_generate(self, need: Callable[[bool, str, str], None]) -> None:
+        settings = self.generate
+        need(settings is None or isinstance(settings, dict), "generate", "null or an object")
+        if settings is None:
+            return
+        known = (*GENERATE_DEFAULTS, "seed")
+        unknown = sorted(map(str, set(settings) - set(known)))
+        need(not unknown, "generate", f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        count, sample = settings["max_new_tokens"], settings["do_sample"]
+        temperature, top_p = settings["temperature"], settings["top_p"]
+        need(
+            _integer(count) and 1 <= count <= MAX_NEW_TOKENS,
+            "generate.max_new_tokens",
+            f"an integer in [1, {MAX_NEW_TOKENS}]",
+        )
+        need(isinstance(sample, bool), "generate.do_sample", "true (sample) or false (greedy)")
+        need(
+            _number(temperature) and 0 < temperature <= MAX_GENERATE_TEMPERATURE,
+            "generate.temperature",
+            f"a number in (0, {MAX_GENERATE_TEMPERATURE:g}]",
+        )
+        need(_number(top_p) and 0 < top_p <= 1, "generate.top_p", "a number in (0, 1]")
+        need(_integer(settings["seed"]) and settings["seed"] >= 0, "generate.seed", "an integer >= 0")
+        need(
+            sample or (temperature == 1.0 and top_p == 1.0),
+            "generate.do_sample",
+            "temperature and top_p shape sampling only: set do_sample true, or leave them at 1",
         )
 
 

@@ -4,6 +4,8 @@
     work/inputs/dataset/<file>        text: .jsonl / .txt / .csv / .parquet (text_data.py)
     work/inputs/student_init/<file>   optional: a zip/tar of a Hugging Face folder to start the student from
     work/.lm/                         the teacher (and student init) extracted; any stage rebuilds it
+    work/soft_labels/generated.jsonl  with `generate`: the teacher's completions of the dataset's prompts
+                                      (+ generated.json: lm_generate.py), the dataset the windows are made of
     work/soft_labels/tokens.npz       both splits' token windows (text_data.TokenData), tokenized once
     work/soft_labels/tokens.json      what the windows were made from, and the windows the labels were made of
     work/soft_labels/manifest.json    + {train,val}-*.npz: the teacher's sparse targets (token_softlabels.py)
@@ -18,6 +20,12 @@ soft_label or distill stage does not even load the teacher). As for classificati
 and `checkpoints/` travel between machines, so the windows live beside the soft labels and a later stage in
 another process rebuilds the student from the teacher, the spec and `student.pt`; `out/` is rebuilt when
 missing. Another teacher, dataset or training setting (a new fingerprint) discards checkpoints/lm and out/.
+
+With `generate` the dataset is prompts alone: the soft_label stage first has the teacher write each
+completion (lm_generate.py, resumable by batch), then tokenizes the generated file as any prompt +
+completion dataset. Its sha256 stands for the dataset's in everything made from it (tokens.json, the soft
+labels' manifest, the training fingerprint, the report), so another generation is other labels; the prompts'
+hash and the generation settings are recorded beside it. Living in soft_labels/, it travels with the labels.
 
 Soft labels are made at temperature 1 for top-k (the losses re-temper them, and the report's KL and
 agreement are at T = 1) and at the training temperature for sampled targets, which cannot be re-tempered.
@@ -50,6 +58,15 @@ from worker.distill.errors import (
 from worker.distill.lm_config import LMConfig
 from worker.distill.lm_eval import evaluate_lm, generate_side_by_side, tokens_per_second
 from worker.distill.lm_export import ARCHIVE, MODEL_CARD, export_hf
+from worker.distill.lm_generate import (
+    GENERATED,
+    encode_prompts,
+    finished,
+    generate_completions,
+    has_prompts,
+    read_prompts,
+    teacher_context,
+)
 from worker.distill.lm_students import TeacherLike, build_lm_student, load_lm_student_init
 from worker.distill.lm_summary import lm_headline
 from worker.distill.lm_teachers import LMTeacher, load_lm_teacher
@@ -70,6 +87,7 @@ __all__ = [
     "lm_distill",
     "lm_evaluate",
     "lm_export",
+    "lm_generate",
     "lm_headline",
     "lm_preflight",
     "lm_soft_label",
@@ -80,6 +98,7 @@ LM_CHECKPOINTS = "lm"
 STATE, STUDENT, BASELINE = "state.json", "student.pt", "baseline.pt"
 REPORT = "report.json"
 SOFT_LABEL_BATCH = {"cpu": 8, "cuda": 32}  # windows per teacher forward: (B, L, V) logits exist at a time
+GENERATE_BATCH = {"cpu": 8, "cuda": 32}  # prompts per `generate` call (kept for the file's life: resume)
 TARGET_CACHE_BYTES = 2 << 30  # stored targets kept in memory while training (a shuffled batch spans shards)
 SPEED_SECONDS = 0.5  # per model and batch size, for the report's CPU tokens/s
 PROMPTS, PROMPT_TOKENS = 3, 8  # default generation prompts: the first tokens of the first held-out windows
@@ -216,8 +235,11 @@ def _check_length(config: LMConfig, teacher: LMTeacher) -> None:
 
 
 def _tokens_identity(w: Work, config: LMConfig) -> dict[str, Any]:
-    """What the windows depend on: the teacher (its tokenizer), the dataset and the data settings."""
-    return {
+    """What the windows depend on: the teacher (its tokenizer), the dataset and the data settings. With
+    `generate`, the dataset is the generated file (DistillError `soft_labels_missing` until it is complete)
+    and the prompts' hash and the generation settings are named too. Jobs without it keep the keys they had
+    (stored labels stay reusable)."""
+    identity = {
         "teacher_sha256": _sha256(_the_file(w, "teacher")),
         "dataset_sha256": _sha256(_the_file(w, "dataset")),
         "max_length": config.max_length,
@@ -226,18 +248,106 @@ def _tokens_identity(w: Work, config: LMConfig) -> dict[str, Any]:
         "val_fraction": config.val_fraction,
         "seed": config.seed,
     }
+    if config.generate is not None:
+        generated = _generated(w, config)
+        if generated is None:
+            raise DistillError(
+                "the generated dataset is missing or from other inputs: run soft_label first",
+                code="soft_labels_missing",
+            )
+        identity |= {
+            "prompts_sha256": identity["dataset_sha256"],
+            "generate": config.generate,
+            "dataset_sha256": generated["sha256"],
+        }
+    return identity
 
 
 def _tokenize(w: Work, config: LMConfig, teacher: LMTeacher) -> TokenData:
-    return load_text_dataset(
-        _the_file(w, "dataset"),
-        teacher.tokenizer,
-        max_length=config.max_length,
-        text_column=config.text_column,
-        pack=config.pack,
-        val_fraction=config.val_fraction,
-        seed=config.seed,
+    generating = config.generate is not None
+    path = w.soft_labels / GENERATED if generating else _the_file(w, "dataset")
+    try:
+        return load_text_dataset(
+            path,
+            teacher.tokenizer,
+            max_length=config.max_length,
+            # The generated file has `prompt` and `completion` only: never read as documents.
+            text_column="text" if generating else config.text_column,
+            pack=config.pack,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+        )
+    except DatasetError as exc:
+        if exc.code == "missing_column" and not generating and has_prompts(path):
+            raise DatasetError(
+                f"{path.name} holds prompts without completions: set `generate` (e.g. "
+                "{\"max_new_tokens\": 128}) to have the teacher write them, or add a 'completion' column",
+                code="prompts_need_generation",
+                field="generate",
+            ) from None
+        raise
+
+
+# --- generated completions (prompt-only datasets) -----------------------------------------------------------
+
+
+def _generation_identity(w: Work, config: LMConfig) -> dict[str, Any]:
+    return {
+        "teacher_sha256": _sha256(_the_file(w, "teacher")),
+        "dataset_sha256": _sha256(_the_file(w, "dataset")),
+        "generate": config.generate,
+    }
+
+
+def _generated(w: Work, config: LMConfig) -> dict[str, Any] | None:
+    """generated.json if soft_labels/generated.jsonl is complete for these inputs and settings."""
+    return finished(w.soft_labels, _generation_identity(w, config), digest=_sha256)
+
+
+def lm_generate(work: Path, config: LMConfig, on_progress: Progress | None = None) -> dict[str, Any] | None:
+    """With `generate`: the teacher writes the completions of the dataset's prompts into
+    soft_labels/generated.jsonl (lm_generate.py), resuming a stopped run at its last whole batch; returns
+    generated.json. A finished file is returned without loading the teacher. None without `generate`."""
+    if config.generate is None:
+        return None
+    w = Work(Path(work))
+    done = _generated(w, config)
+    if done is not None:
+        emit(on_progress, "generate", 1.0, resumed=True)
+        return done
+    prompts = read_prompts(_the_file(w, "dataset"), config.text_column)
+    device = _device()
+    teacher = _teacher(w, device)
+    settings = config.generate
+
+    def on_batch(rows: int, total: int, tokens: int) -> None:
+        emit(on_progress, "generate", rows / total, rows=rows, tokens=tokens)
+
+    return generate_completions(
+        teacher,
+        prompts,
+        w.soft_labels,
+        identity=_generation_identity(w, config),
+        max_new_tokens=settings["max_new_tokens"],
+        do_sample=settings["do_sample"],
+        temperature=settings["temperature"],
+        top_p=settings["top_p"],
+        seed=settings["seed"],
+        batch_size=GENERATE_BATCH.get(device.type, 8),
+        on_batch=on_batch,
     )
+
+
+def _prompt_sample(w: Work, config: LMConfig, teacher: LMTeacher) -> tuple[Any, Any, dict[str, Any]]:
+    """Preflight of a prompt-only dataset: the prompts read and checked against the teacher's context; the
+    first prompt as a one-row batch (ids, mask) to run through both models; what the summary says."""
+    assert config.generate is not None
+    prompts = read_prompts(_the_file(w, "dataset"), config.text_column)
+    limit = teacher_context(teacher)
+    encoded = encode_prompts(teacher.tokenizer, prompts, config.generate["max_new_tokens"], limit)
+    ids = torch.tensor([encoded[0][: config.max_length]], dtype=torch.long)
+    summary = {"prompts": len(prompts), "prompt_tokens": sum(map(len, encoded)), "generate": config.generate}
+    return ids, torch.ones_like(ids, dtype=torch.bool), summary
 
 
 def _stored_tokens(w: Work, identity: dict[str, Any]) -> tuple[TokenData, dict[str, Any]] | None:
@@ -327,10 +437,13 @@ def lm_preflight(work: Path, config: LMConfig) -> dict[str, Any]:
     w = Work(Path(work))
     teacher = _teacher(w, "cpu")
     _check_length(config, teacher)
-    data = _tokenize(w, config, teacher)
+    if config.generate is None:
+        data = _tokenize(w, config, teacher)
+        sample = data.split("train")
+        ids, mask, dataset = sample.input_ids[:2].long(), sample.attention_mask[:2], data.report()
+    else:  # the windows are made once the teacher has written the completions
+        ids, mask, dataset = _prompt_sample(w, config, teacher)
     student, resolved = _new_student(config, teacher, _student_init(w))
-    sample = data.split("train")
-    ids, mask = sample.input_ids[:2].long(), sample.attention_mask[:2]
     with torch.inference_mode():
         student_vocab = int(student(input_ids=ids, attention_mask=mask.long()).logits.shape[-1])
         teacher_vocab = int(teacher.logits(ids, mask).shape[-1])
@@ -343,7 +456,7 @@ def lm_preflight(work: Path, config: LMConfig) -> dict[str, Any]:
     return {
         "task": config.task,
         "teacher": {**teacher.describe(), "sha256": _sha256(_the_file(w, "teacher"))},
-        "dataset": {**data.report(), "sha256": _sha256(_the_file(w, "dataset"))},
+        "dataset": {**dataset, "sha256": _sha256(_the_file(w, "dataset"))},
         "student": {k_: v for k_, v in resolved.items() if k_ != "config"},
         "soft_labels": {
             "format": config.soft_label_format,
@@ -356,11 +469,15 @@ def lm_preflight(work: Path, config: LMConfig) -> dict[str, Any]:
 
 
 def lm_soft_label(work: Path, config: LMConfig, on_progress: Progress | None = None) -> dict[str, Any]:
-    """Tokenize once (soft_labels/tokens.npz), then run the teacher over train and held-out windows.
+    """With `generate`, have the teacher write the completions first (lm_generate; the job's own step runs
+    it before this one). Tokenize once (soft_labels/tokens.npz), then run the teacher over train and
+    held-out windows.
 
     Resumes at shard granularity; a finished stage returns the manifest without loading the teacher.
     """
     w = Work(Path(work))
+    if config.generate is not None and _generated(w, config) is None:
+        lm_generate(work, config, on_progress)
     identity = _tokens_identity(w, config)
     stored = _stored_tokens(w, identity)
     if stored is not None:
@@ -681,7 +798,28 @@ def _measure(w: Work, config: LMConfig, record: dict[str, Any]) -> dict[str, Any
         "kl_at": None if loader is None else 1.0,
         "hyperparameters": record["hyperparameters"],
         "generations": generations,
+        "generated_dataset": _generation_report(w, config, identity),
         "phases": {n: {k: v for k, v in p.items() if k != "history"} for n, p in record["phases"].items()},
+    }
+
+
+def _generation_report(w: Work, config: LMConfig, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """What the teacher wrote for a prompt-only dataset (None without `generate`)."""
+    info = _generated(w, config) if config.generate is not None else None
+    if info is None:
+        return None
+    seconds = info["seconds"]
+    return {
+        "file": GENERATED,
+        "rows": info["rows"],
+        "tokens": info["tokens"],
+        "empty_completions": info["empty_completions"],
+        "seconds": seconds,
+        "tokens_per_s": info["tokens"] / seconds if seconds > 0 else None,
+        "resumed_from": info["resumed_from"],
+        "settings": config.generate,
+        "prompts_sha256": identity["prompts_sha256"],
+        "sha256": info["sha256"],
     }
 
 

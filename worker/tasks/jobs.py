@@ -41,6 +41,8 @@ from worker.tasks.watch import StageWatch, shutting_down
 from worker.tasks.workspace import WorkMirror, clear
 
 MAX_REPORT_BYTES = 4 << 20
+GENERATED = "generated.jsonl"  # worker.distill.lm_generate.GENERATED (the core is not imported here)
+CONTENT_TYPES = {".json": "application/json", ".jsonl": "application/x-ndjson"}
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +269,10 @@ def _reuse_soft_labels(ctx: WorkerContext, claim: Claim, donor: str, work: Path)
 def _hand_to_distill(ctx: WorkerContext, claim: Claim) -> None:
     manifest = ctx.work_dir(claim.job_id) / "soft_labels" / "manifest.json"
     uploaded = [_upload(ctx, claim, "soft_labels_manifest.json", manifest)] if manifest.is_file() else []
+    # A prompt-only dataset's completions, as the teacher wrote them: the dataset the student learns from.
+    generated = ctx.work_dir(claim.job_id) / "soft_labels" / GENERATED
+    if claim.config.get("generate") is not None and generated.is_file():
+        uploaded.append(_upload(ctx, claim, GENERATED, generated))
     with session_scope(ctx.db) as session:
         # Handed on, not finished: the job waits (soft_labeling, progress 1) for a distill-queue worker.
         # Recorded only with the hand-over, in its transaction: a job cancelled meanwhile gets no artifact.
@@ -323,7 +329,7 @@ def _upload(ctx: WorkerContext, claim: Claim, name: str, path: Path) -> tuple[st
 
 def _record(session: Session, claim: Claim, uploaded: list[tuple[str, str, int, str]]) -> None:
     for name, key, size, sha in uploaded:
-        content_type = "application/json" if name.endswith(".json") else "application/octet-stream"
+        content_type = CONTENT_TYPES.get(Path(name).suffix, "application/octet-stream")
         lifecycle.add_artifact(session, claim.job_id, name, key, size, sha, content_type)
 
 

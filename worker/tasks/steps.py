@@ -101,6 +101,12 @@ def lm_preflight_step(work: Path, config: dict[str, Any], on_progress: OnProgres
     return lm_pipeline.lm_preflight(work, _lm_config(config))
 
 
+def lm_generate_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
+    from worker.distill import lm_pipeline
+
+    return lm_pipeline.lm_generate(work, _lm_config(config), on_progress)
+
+
 def lm_soft_label_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
     from worker.distill import lm_pipeline
 
@@ -138,6 +144,8 @@ PARTIAL_STUDENT = "partial_student.pt"
 SOFT_LABEL_STEPS = [("preflight", preflight_step), ("soft_label", soft_label_step)]
 DISTILL_STEPS = [("distill", distill_step), ("evaluate", evaluate_step), ("export", export_step)]
 LM_SOFT_LABEL_STEPS = [("preflight", lm_preflight_step), ("soft_label", lm_soft_label_step)]
+# A prompt-only dataset (`generate` set): the teacher writes the completions between the two.
+LM_GENERATE_STEPS = [LM_SOFT_LABEL_STEPS[0], ("generate", lm_generate_step), LM_SOFT_LABEL_STEPS[1]]
 LM_DISTILL_STEPS = [("distill", lm_distill_step), ("evaluate", lm_evaluate_step), ("export", lm_export_step)]
 # The steps of each stage, by the job's task (its config carries it; classification jobs never had one).
 STAGE_STEPS = {
@@ -149,4 +157,7 @@ STAGE_STEPS = {
 
 
 def stage_steps(stage: str, config: dict[str, Any]) -> list[tuple[str, Any]]:
-    return STAGE_STEPS[(stage, str(config.get("task", "classification")))]
+    task = str(config.get("task", "classification"))
+    if (stage, task) == ("soft_label", "causal_lm") and config.get("generate") is not None:
+        return LM_GENERATE_STEPS
+    return STAGE_STEPS[(stage, task)]
