@@ -14,9 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 SOFT_LABEL_FORMATS = ("full", "topk")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
-EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
+EXPORT_FORMATS = ("torchscript", "onnx", "safetensors", "hf")
+DEFAULT_EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
+MAX_TEXT_LENGTH = 8192
 METHODS = ("dist", "dkd", "hinton", "mse_logits", "soft_target")
-STUDENTS = ("cnn", "logreg", "mlp", "resnet")
+STUDENTS = ("cnn", "logreg", "mlp", "resnet", "text_transformer", "teacher_layers", "textcnn", "bow")
+# Students of a text classifier (a transformer teacher): token ids in, so their exports differ. The two
+# transformer ones are Hugging Face models ("hf": a folder `from_pretrained` loads); none is TorchScript.
+TEXT_STUDENTS = ("text_transformer", "teacher_layers", "textcnn", "bow")
+HF_TEXT_STUDENTS = ("text_transformer", "teacher_layers")
+TEXT_EXPORT_DEFAULTS = {"hf": ["hf", "onnx"], "other": ["onnx", "safetensors"]}
 LM_STUDENTS = ("causal_lm", "teacher_layers")
 LM_METHODS = ("ce", "fkl", "gkd", "rkl")
 LM_SOFT_LABEL_FORMATS = ("topk", "sampled")
@@ -105,6 +112,8 @@ class DistillConfigSchema(BaseModel):
     teacher_format: Literal[TEACHER_FORMATS] = "auto"  # type: ignore[valid-type]
     teacher_arch: str | None = None
     label_column: str = Field(default="label", min_length=1, max_length=200)
+    text_column: str = Field(default="text", min_length=1, max_length=200)
+    max_length: int = Field(default=128, ge=1, le=MAX_TEXT_LENGTH)
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     preprocess: PreprocessSchema = Field(default_factory=PreprocessSchema)
     soft_label_format: Literal[SOFT_LABEL_FORMATS] = "full"  # type: ignore[valid-type]
@@ -126,8 +135,28 @@ class DistillConfigSchema(BaseModel):
     finetune_lr: Annotated[float, Field(gt=0, le=10)] | None = None
     baseline: bool = True
     export_formats: list[Literal[EXPORT_FORMATS]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: list(EXPORT_FORMATS), min_length=1, max_length=len(EXPORT_FORMATS)
+        default_factory=lambda: list(DEFAULT_EXPORT_FORMATS), min_length=1, max_length=len(EXPORT_FORMATS)
     )
+
+    def for_student(self, student: str) -> DistillConfigSchema:
+        """The export formats resolved for `student` (a text student's default differs), or a ValueError
+        naming a format that student cannot be written in."""
+        name = student.partition(":")[0].strip()
+        formats = self.export_formats
+        if name in TEXT_STUDENTS:
+            if "export_formats" not in self.model_fields_set:
+                formats = TEXT_EXPORT_DEFAULTS["hf" if name in HF_TEXT_STUDENTS else "other"]
+            refused = {"torchscript"} | (set() if name in HF_TEXT_STUDENTS else {"hf"})
+        else:
+            refused = {"hf"}
+        bad = [f for f in formats if f in refused]
+        if bad:
+            who = {"hf": "text_transformer and teacher_layers", "torchscript": "image and tabular students"}
+            raise ValueError(
+                f"student {name!r} cannot be exported as {', '.join(bad)} "
+                f"({'; '.join(f'{f} is for {who[f]}' for f in bad)})"
+            )
+        return self.model_copy(update={"export_formats": list(formats)})
 
     @field_validator("teacher_arch")
     @classmethod

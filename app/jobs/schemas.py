@@ -84,6 +84,12 @@ class JobCreate(BaseModel):
         task = info.data.get("task", "classification")
         return model_spec(DEFAULT_STUDENT[task] if value is None else value, "student", STUDENT_NAMES[task])
 
+    @model_validator(mode="after")
+    def _exports_of_the_student(self) -> JobCreate:
+        if isinstance(self.config, DistillConfigSchema) and self.student is not None:
+            self.config = self.config.for_student(self.student)
+        return self
+
     @field_validator("teacher_file_ids")
     @classmethod
     def _distinct_teachers(cls, value: list[str]) -> list[str]:

@@ -49,7 +49,10 @@ def test_names_match_the_core_registries() -> None:
     students = pytest.importorskip("worker.distill.students")
     teachers = pytest.importorskip("worker.distill.teachers")
     assert set(config_schema.METHODS) == set(losses.METHODS.names())
-    assert set(config_schema.STUDENTS) == set(students.STUDENTS.names())
+    text_students = pytest.importorskip("worker.distill.text_students")
+    text_names = set(text_students.TEXT_STUDENTS.names())
+    assert set(config_schema.STUDENTS) == set(students.STUDENTS.names()) | text_names
+    assert set(config_schema.TEXT_STUDENTS) == set(text_students.TEXT_STUDENTS.names())
     assert set(config_schema.TEACHER_FORMATS) == {"auto", *teachers.FORMATS}
     assert config_schema.EXPORT_FORMATS == core_config.EXPORT_FORMATS
     assert config_schema.OPTIMIZERS == core_config.OPTIMIZERS

@@ -98,6 +98,8 @@ def submit(
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     temperature: Annotated[str | None, typer.Option(help="number or auto")] = None,
     alpha: Annotated[str | None, typer.Option(help="number in [0,1] or auto")] = None,
+    text_column: Annotated[str | None, typer.Option(help="text datasets: the column of texts")] = None,
+    max_length: Annotated[int | None, typer.Option(min=1, help="text: tokens per text or window")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="other setting, key=value (JSON value)")] = [],  # noqa: B006
     meta: Annotated[list[str], typer.Option("--meta", help="metadata key=value")] = [],  # noqa: B006
     webhook_url: Annotated[str | None, typer.Option(help="POST each state change here")] = None,
@@ -114,6 +116,9 @@ def submit(
     for key, value in named.items():
         if value is not None:
             config[key] = _pairs([f"{key}={value}"], f"--{key}")[key]
+    for key, given in {"text_column": text_column, "max_length": max_length}.items():
+        if given is not None:
+            config[key] = given
     with _session(url, api_key, as_json) as client:
         teachers = [_file_id(client, t, "teacher", as_json) for t in teacher]
         data_id = _file_id(client, dataset, "dataset", as_json)

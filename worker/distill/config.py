@@ -17,7 +17,9 @@ Auto = Literal["auto"]
 SOFT_LABEL_FORMATS = ("full", "topk")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
-EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
+EXPORT_FORMATS = ("torchscript", "onnx", "safetensors", "hf")
+DEFAULT_EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")  # "hf": text students (a model folder)
+MAX_TEXT_LENGTH = 8192
 
 
 def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -69,7 +71,10 @@ class DistillConfig:
     teacher_format: str = "auto"
     teacher_arch: str | None = None  # registry spec, needed for safetensors/state-dict teachers
     # Data
-    label_column: str = "label"  # CSV/Parquet
+    label_column: str = "label"  # CSV/Parquet/JSONL
+    # Text datasets (a transformer teacher): the column of texts, tokens per text (longer ones are truncated)
+    text_column: str = "text"
+    max_length: int = 128
     val_fraction: float = 0.1  # seeded stratified holdout when the dataset brings no validation split
     preprocess: Preprocess = field(default_factory=Preprocess)
     # Soft-label stage
@@ -96,7 +101,7 @@ class DistillConfig:
     finetune_lr: float | None = None
     # Report and outputs
     baseline: bool = True  # also train the same student on hard labels alone, same budget
-    export_formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
+    export_formats: list[str] = field(default_factory=lambda: list(DEFAULT_EXPORT_FORMATS))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
@@ -133,6 +138,8 @@ class DistillConfig:
         )
         need(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         need(self.epochs >= 1, "epochs", "must be >= 1")
+        need(1 <= self.max_length <= MAX_TEXT_LENGTH, "max_length", f"must be in 1..{MAX_TEXT_LENGTH}")
+        need(bool(self.text_column), "text_column", "must not be empty")
         need(self.finetune_epochs >= 0, "finetune_epochs", "must be >= 0")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.lr > 0, "lr", "must be > 0")

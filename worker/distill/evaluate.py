@@ -71,6 +71,35 @@ def cpu_latency_ms(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     return statistics.median(times)
 
 
+TEXT_LATENCY_TEXTS = 32
+
+
+@torch.inference_mode()
+def text_latency_ms(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    encode: Callable[[str], torch.Tensor],
+    texts: list[str],
+    *,
+    runs: int = 3,
+) -> float:
+    """Median milliseconds per text on one CPU thread, one text at a time, tokenization included
+    (`encode` turns a text into ids (1, L)): what serving one request costs."""
+    sample = texts[:TEXT_LATENCY_TEXTS]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn(encode(sample[0]))  # warm-up: allocation, lazy initialisation
+        times = []
+        for _ in range(runs):
+            for text in sample:
+                start = time.perf_counter()
+                fn(encode(text))
+                times.append((time.perf_counter() - start) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
 def _ratio(a: float | int | None, b: float | int | None) -> float | None:
     return float(a) / float(b) if a is not None and b else None
 

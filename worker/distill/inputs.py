@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,15 +23,28 @@ from torch import nn
 
 from worker.distill.config import DistillConfig
 from worker.distill.data import load_dataset, split_validation, validate_dataset
-from worker.distill.errors import DatasetError, DistillError, TeacherError
+from worker.distill.errors import ConfigError, DatasetError, DistillError, TeacherError
 from worker.distill.evaluate import count_parameters
 from worker.distill.preprocess import PreprocessModule
 from worker.distill.softlabels import load_soft_labels, read_manifest, sha256_file
 from worker.distill.students import build_student, load_student_init
 from worker.distill.teachers import Teacher, check_compatible, load_teacher
+from worker.distill.text_cls_data import TextStats, check_text_dataset, load_text_classification
+from worker.distill.text_students import TEXT_STUDENTS, build_text_student, is_text_student
+from worker.distill.text_teachers import TextTeacher, encode_texts, is_text_teacher, load_text_teachers
 from worker.distill.workfolder import SLOTS, Work
 
 RAW_SAMPLE = 256
+
+
+@dataclass(frozen=True)
+class TextInputs:
+    """What a text classifier adds: its teacher (tokenizer, pad id, labels), the tokenization's counts and
+    a few raw texts (latency is measured per text, tokenization included)."""
+
+    teacher: TextTeacher
+    stats: TextStats
+    sample_texts: list[str]
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,7 @@ class Loaded:
     num_classes: int
     class_names: list[str] | None
     student_init: Path | None
+    text: TextInputs | None = None  # a text classifier's; x then holds int64 token ids (N, L)
 
     @property
     def has_val(self) -> bool:
@@ -78,6 +93,7 @@ class Loaded:
             "num_classes": self.num_classes,
             "class_names": self.class_names,
             "student_parameters": count_parameters(student) if student is not None else None,
+            **({"text": self.text.stats.as_dict()} if self.text is not None else {}),
         }
 
 
@@ -138,6 +154,15 @@ def _load(work: Work, config: DistillConfig) -> tuple[Loaded, nn.Module]:
             field="dataset",
         )
     val_paths = work.input_files("validation")
+    if any(is_text_teacher(p) for p in teacher_paths):
+        return _load_text(work, config, teacher_paths, dataset_paths[0], val_paths)
+    if is_text_student(config.student):
+        raise ConfigError(
+            f"student {config.student.partition(':')[0]!r} reads text: it needs a transformer teacher (a "
+            "Hugging Face sequence-classification folder, or an ONNX classifier with its tokenizer.json, "
+            "in one archive) and a dataset with a text column",
+            field="student",
+        )
     data = load_dataset(dataset_paths[0], config, val_path=val_paths[0] if val_paths else None)
     teacher = load_teacher(teacher_paths, config, input_shape=data.feature_shape)
     data = split_validation(data, config.val_fraction, config.seed)
@@ -168,6 +193,68 @@ def _load(work: Work, config: DistillConfig) -> tuple[Loaded, nn.Module]:
     return loaded, student
 
 
+def _load_text(
+    work: Work, config: DistillConfig, teacher_paths: list[Path], dataset: Path, val_paths: list[Path]
+) -> tuple[Loaded, nn.Module]:
+    """A text classifier's inputs: the texts tokenized with the teacher's tokenizer, token ids as x."""
+    if not all(is_text_teacher(p) for p in teacher_paths):
+        raise TeacherError(
+            "an ensemble mixes text teachers with other kinds; every member must read the same texts",
+            code="ensemble_mixed",
+            field="teacher",
+        )
+    if not is_text_student(config.student):
+        raise ConfigError(
+            f"a text teacher needs a text student ({', '.join(TEXT_STUDENTS.names())}), "
+            f"not {config.student.partition(':')[0]!r}",
+            field="student",
+        )
+    if work.input_files("student_init"):
+        raise ConfigError(
+            "student_init is not supported for text students yet (use teacher_layers to start from the "
+            "teacher's own layers)",
+            code="invalid_student_init",
+            field="student_init",
+        )
+    folder = Path(work.root) / ".text" / "teacher"
+    shutil.rmtree(folder, ignore_errors=True)  # afresh: a stale extraction never loads
+    teacher = load_text_teachers(teacher_paths, folder)
+    data, stats, texts = load_text_classification(
+        dataset,
+        teacher,
+        text_column=config.text_column,
+        label_column=config.label_column,
+        max_length=config.max_length,
+        val_path=val_paths[0] if val_paths else None,
+        encode_texts=encode_texts,
+    )
+    data = split_validation(data, config.val_fraction, config.seed)
+    x = torch.from_numpy(data.x)
+    num_classes = int(teacher.checked_logits(x[:2]).shape[1])
+    check_text_dataset(data, num_classes)
+    x_val = None if data.x_val is None else torch.from_numpy(data.x_val)
+    loaded = Loaded(
+        teacher=teacher,
+        teacher_paths=teacher_paths,
+        teacher_sha256=teacher.sha256,
+        dataset_sha256=_digest([dataset, *val_paths]),
+        preprocess=PreprocessModule(),  # identity: token ids are never scaled
+        x=x,
+        y=torch.from_numpy(data.y),
+        x_val=x_val,
+        y_val=None if data.y_val is None else torch.from_numpy(data.y_val),
+        raw_sample=(x if x_val is None else x_val)[:RAW_SAMPLE].clone(),
+        input_shape=(int(x.shape[1]),),
+        num_classes=num_classes,
+        class_names=data.class_names,
+        student_init=None,
+        text=TextInputs(teacher, stats, texts[:RAW_SAMPLE]),
+    )
+    student = new_student(loaded, config)
+    check_compatible(teacher, student, x[:2])
+    return loaded, student
+
+
 def _preprocessed(pre: PreprocessModule, x: np.ndarray, chunk: int = 65536) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([pre(torch.from_numpy(x[i : i + chunk])) for i in range(0, len(x), chunk)])
@@ -186,6 +273,8 @@ def _digest(paths: list[Path]) -> str:
 def new_student(loaded: Loaded, config: DistillConfig) -> nn.Module:
     """The untrained student: the same weights for the same seed, so the baseline starts where KD started."""
     torch.manual_seed(config.seed)
+    if loaded.text is not None:
+        return build_text_student(config.student, loaded.text.teacher, loaded.num_classes)[0]
     if loaded.student_init is not None:
         return load_student_init(loaded.student_init, loaded.num_classes, loaded.input_shape)
     return build_student(config.student, loaded.input_shape, loaded.num_classes)
@@ -195,6 +284,11 @@ def teacher_parameters(teacher: Teacher, paths: list[Path]) -> int | None:
     """Parameters of a module teacher, initializer values of an ONNX one; an ensemble sums its members."""
     members = getattr(teacher, "members", None) or [teacher]
     total = 0
+    if members[0].format in ("hf_text", "onnx_text"):  # archives: counted as loaded (ONNX ones: unknown)
+        models = [getattr(m, "model", None) for m in members]
+        if not all(isinstance(m, nn.Module) for m in models):
+            return None
+        return sum(count_parameters(m) for m in models if isinstance(m, nn.Module))
     for member, path in zip(members, paths, strict=True):
         module = getattr(member, "module", None)
         if isinstance(module, nn.Module):

@@ -11,13 +11,26 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from worker.distill.config import DistillConfig
 from worker.distill.distill_record import BASELINE, STUDENT, DistillRecord, finished_record
-from worker.distill.evaluate import build_report, bytes_on_disk, count_parameters, cpu_latency_ms, predict
-from worker.distill.export import FILENAMES, export_student, exportable, write_model_card
-from worker.distill.inputs import load_inputs, load_weights, stored_soft_labels, teacher_parameters
+from worker.distill.errors import ConfigError
+from worker.distill.evaluate import (
+    build_report,
+    bytes_on_disk,
+    count_parameters,
+    cpu_latency_ms,
+    predict,
+    text_latency_ms,
+)
+from worker.distill.export import FILENAMES, export_safetensors, export_student, exportable, write_model_card
+from worker.distill.inputs import Loaded, load_inputs, load_weights, stored_soft_labels, teacher_parameters
 from worker.distill.softlabels import read_manifest, sha256_file
 from worker.distill.summary import headline
+from worker.distill.text_export import HF_ARCHIVE, export_text_hf, export_text_onnx
+from worker.distill.text_teachers import encode_texts
 from worker.distill.workfolder import Work, read_json, write_json
 
 # What export copies from the report into the model card, besides headline()'s figures and the student's spec.
@@ -75,7 +88,14 @@ def _measure(w: Work, config: DistillConfig, record: DistillRecord, student_sha:
     )
     teacher = loaded.teacher.to("cpu")
     pre = loaded.preprocess
-    exported = [w.out / name for name in FILENAMES.values() if (w.out / name).is_file()]
+    exported = [w.out / name for name in _filenames(loaded).values() if (w.out / name).is_file()]
+    if loaded.text is not None:  # per text, one at a time, tokenization included
+        encode, texts = _text_encoder(loaded, config), loaded.text.sample_texts
+        teacher_ms = text_latency_ms(teacher.logits, encode, texts)
+        student_ms = text_latency_ms(student, encode, texts)
+    else:  # a batch of evaluate.LATENCY_BATCH rows, preprocessing included
+        teacher_ms = cpu_latency_ms(lambda raw: teacher.logits(pre(raw)), loaded.raw_sample)
+        student_ms = cpu_latency_ms(exportable(student, pre), loaded.raw_sample)
     report = build_report(
         y_val=y,
         teacher_logits=teacher_logits,
@@ -84,17 +104,19 @@ def _measure(w: Work, config: DistillConfig, record: DistillRecord, student_sha:
         teacher={
             "parameters": teacher_parameters(teacher, loaded.teacher_paths),
             "bytes": bytes_on_disk(loaded.teacher_paths),
-            "latency_ms": cpu_latency_ms(lambda raw: teacher.logits(pre(raw)), loaded.raw_sample),
+            "latency_ms": teacher_ms,
         },
         student={
             "spec": config.student if loaded.student_init is None else f"init:{loaded.student_init.name}",
             "parameters": count_parameters(student),
             "bytes": bytes_on_disk(exported) if exported else None,
-            "latency_ms": cpu_latency_ms(exportable(student, pre), loaded.raw_sample),
+            "latency_ms": student_ms,
         },
         hyperparameters={"method": config.method, **(record.hyperparameters or {})},
     )
     manifest = read_manifest(w.soft_labels) or {}
+    if loaded.text is not None:
+        report["text"] = loaded.text.stats.as_dict() | {"latency": "ms per text, tokenization included"}
     report.update(
         {
             "evaluated_on": split,
@@ -120,7 +142,9 @@ def export(work: Path, config: DistillConfig) -> list[Path]:
     # The evaluate stage's report, read back; measured here only when out/ was lost (it is not mirrored
     # between machines, and export must work from checkpoints/ alone) or names another student.
     report = _evaluated(w, config)
-    files = [w.out / FILENAMES[fmt] for fmt in config.export_formats]
+    loaded, _ = load_inputs(w, config)
+    names = _filenames(loaded)
+    files = [w.out / names[fmt] for fmt in config.export_formats]
     card_path, report_file = w.out / "model_card.json", report_path(w)
     card = read_json(card_path)
     if (
@@ -129,9 +153,8 @@ def export(work: Path, config: DistillConfig) -> list[Path]:
         and card.get("formats") == config.export_formats
         and all(p.is_file() for p in files)
     ):
-        return [*files, card_path, report_file]
+        return [*files, *_beside(loaded, files), card_path, report_file]
 
-    loaded, _ = load_inputs(w, config)
     student = load_weights(loaded, config, w.checkpoints / STUDENT)
     metadata = {
         "arch": report["student"]["spec"],
@@ -140,14 +163,18 @@ def export(work: Path, config: DistillConfig) -> list[Path]:
         "class_names": loaded.class_names,
         "preprocess": dataclasses.asdict(config.preprocess),
     }
-    files = export_student(
-        student,
-        loaded.preprocess,
-        w.out,
-        sample=loaded.raw_sample,
-        formats=config.export_formats,
-        metadata=metadata,
-    )
+    if loaded.text is not None:
+        metadata |= {"input": "token ids (tokenizer.json)", "text": report["text"]}
+        files = _export_text(student, loaded, w.out, config.export_formats, metadata)
+    else:
+        files = export_student(
+            student,
+            loaded.preprocess,
+            w.out,
+            sample=loaded.raw_sample,
+            formats=config.export_formats,
+            metadata=metadata,
+        )
     report["student"]["bytes"] = bytes_on_disk(files)
     report["student"]["files"] = {
         p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files
@@ -169,4 +196,50 @@ def export(work: Path, config: DistillConfig) -> list[Path]:
             "metrics": {**headline(report), "hyperparameters": hp},
         },
     )
-    return [*files, card_path, report_file]
+    return [*files, *_beside(loaded, files), card_path, report_file]
+
+
+def _filenames(loaded: Loaded) -> dict[str, str]:
+    return FILENAMES if loaded.text is None else {**FILENAMES, "hf": HF_ARCHIVE}
+
+
+def _beside(loaded: Loaded, files: list[Path]) -> list[Path]:
+    """tokenizer.json travels with a text student's ONNX file (its input is the tokenizer's ids)."""
+    if loaded.text is None or not any(p.name == FILENAMES["onnx"] for p in files):
+        return []
+    return [p.parent / "tokenizer.json" for p in files if p.name == FILENAMES["onnx"]]
+
+
+def _text_encoder(loaded: Loaded, config: DistillConfig) -> Any:
+    assert loaded.text is not None
+    tokenizer, pad = loaded.text.teacher.tokenizer, loaded.text.teacher.pad_id
+
+    def encode(text: str) -> torch.Tensor:
+        return torch.from_numpy(encode_texts(tokenizer, [text], config.max_length, pad)[0])
+
+    return encode
+
+
+def _export_text(
+    student: nn.Module, loaded: Loaded, out: Path, formats: list[str], metadata: dict[str, Any]
+) -> list[Path]:
+    """A text student as a Hugging Face folder (tar.gz), ONNX (input_ids + attention_mask -> logits, with
+    tokenizer.json beside) and safetensors; the formats were checked against the student at submission."""
+    assert loaded.text is not None
+    tokenizer = loaded.text.teacher.tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        if fmt == "hf":
+            written.append(export_text_hf(student, tokenizer, out))
+        elif fmt == "onnx":
+            written.append(export_text_onnx(student, tokenizer, out, loaded.raw_sample[:8]))
+        elif fmt == "safetensors":
+            path = out / FILENAMES["safetensors"]
+            tmp = path.with_name(path.name + ".partial")
+            export_safetensors(student, tmp, metadata)
+            tmp.replace(path)
+            written.append(path)
+        else:
+            raise ConfigError(f"a text student cannot be exported as {fmt}", field="export_formats")
+    return written

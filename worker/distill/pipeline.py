@@ -31,6 +31,7 @@ from worker.distill.workfolder import Work, prepare_inputs, read_json
 __all__ = ["distill", "evaluate", "export", "prepare_inputs", "preflight", "run_all", "soft_label"]
 
 SOFT_LABEL_BATCH = 1024
+TEXT_SOFT_LABEL_BATCH = 64  # a transformer's activations grow with batch x length^2
 
 
 def _device() -> torch.device:
@@ -64,7 +65,7 @@ def soft_label(work: Path, config: DistillConfig, on_progress: Progress | None =
                 fmt=config.soft_label_format,
                 k=config.topk,
                 shard_size=config.shard_size,
-                batch_size=SOFT_LABEL_BATCH,
+                batch_size=SOFT_LABEL_BATCH if loaded.text is None else TEXT_SOFT_LABEL_BATCH,
                 device=device,
                 y=y,
                 teacher_sha256=loaded.teacher_sha256,

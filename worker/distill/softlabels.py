@@ -159,7 +159,8 @@ def soft_label_stage(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    x_t = torch.as_tensor(x, dtype=torch.float32)
+    x_t = torch.as_tensor(x)
+    x_t = x_t if x_t.dtype == torch.int64 else x_t.float()  # int64: token ids of a text classifier
     n = int(x_t.shape[0])
     if n == 0:
         raise DatasetError(f"split {split!r} has no rows to label")

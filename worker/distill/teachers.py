@@ -275,7 +275,7 @@ def check_compatible(teacher: Teacher, student: nn.Module, sample: Tensor) -> di
 
     Fills in `teacher.num_classes` when the teacher's format did not declare it.
     """
-    x = sample[:2].float()
+    x = sample[:2] if sample.dtype == torch.int64 else sample[:2].float()  # int64: token ids
     if x.shape[0] == 0:
         raise MismatchError("preflight needs at least one sample", field="dataset")
     t_out = teacher.checked_logits(x)
