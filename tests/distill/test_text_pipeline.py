@@ -128,3 +128,28 @@ def test_text_jobs_refuse_what_cannot_work(tmp_path: Path, teacher_archive: Path
     assert err.value.code == "unknown_label"
     assert "negative" in err.value.message
     forget_loaded_inputs()
+
+
+def test_an_onnx_text_teacher_with_method_auto(tmp_path: Path) -> None:
+    """The ONNX route: the classifier exported to ONNX beside its tokenizer.json, in one zip; `auto` picks
+    the method on validation as for any classification job, and the report carries the teacher's labels."""
+    import zipfile
+
+    from tests.distill.test_text_teachers import export_onnx
+    from tests.distill.tiny_text import fast_tokenizer, teacher_model
+
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    export_onnx(teacher_model(), folder / "model.onnx")
+    fast_tokenizer().save_pretrained(folder)
+    archive = tmp_path / "teacher.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(folder.iterdir()):
+            zf.write(p, p.name)
+    work = work_with(tmp_path, archive, rows=64, names=False)
+    cfg = config(method="auto", temperature="auto", alpha="auto", epochs=2)
+    report = pipeline.run_all(work, cfg)
+    assert report["hyperparameters"]["method"] in ("hinton", "dist")
+    assert report["teacher"]["accuracy"] > 0.5  # the teacher's ONNX logits, scored on held-out rows
+    assert (Work(work).out / "student.onnx").is_file()
+    forget_loaded_inputs()
