@@ -16,6 +16,7 @@ from lm_student_fixtures import TEXTS
 from tiny_lm import CORPUS, pack, save_folder
 
 from worker.distill import lm_pipeline
+from worker.distill.checkpoints import load_latest_checkpoint
 from worker.distill.errors import ConfigError, DistillError
 from worker.distill.lm_config import LMConfig
 from worker.distill.lm_eval import evaluate_lm
@@ -175,6 +176,19 @@ def test_a_stopped_distill_stage_resumes_to_the_same_student(job: dict[str, Any]
     assert [e["epoch"] for e in events] == [1]
     state = json.loads((work / "checkpoints" / "lm" / "state.json").read_text())
     assert state["phases"] == {}
+    # What a cancel with keep_partial leaves: the checkpoint's weights as a folder from_pretrained loads.
+    from transformers import AutoModelForCausalLM
+
+    from worker.distill.lm_pipeline import lm_partial_student
+
+    archive = lm_partial_student(work, job["config"])
+    assert archive is not None and archive.name == "partial_student_hf.tar.gz"
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "partial", filter="data")
+    partial = AutoModelForCausalLM.from_pretrained(tmp_path / "partial", local_files_only=True)
+    checkpoint = load_latest_checkpoint(work / "checkpoints" / "lm" / "kd")
+    assert checkpoint is not None
+    assert all(torch.equal(partial.state_dict()[k], v) for k, v in checkpoint["model"].items())
 
     result = lm_distill(work, job["config"], events.append, stop=lambda: False)
     assert result["phases"]["distill"]["resumed_from"] == result["phases"]["distill"]["steps"] // 2

@@ -876,3 +876,30 @@ def lm_export(work: Path, config: LMConfig) -> list[Path]:
     write_json(report_file, report)
     write_json(card_path, card)
     return [*files, card_path, report_file]
+
+
+PARTIAL_ARCHIVE = "partial_student_hf.tar.gz"
+
+
+def lm_partial_student(work: Path, config: LMConfig) -> Path | None:
+    """work/partial/partial_student_hf.tar.gz from the newest verified weights (the finished student, else
+    the distillation run's latest checkpoint), a folder `from_pretrained` loads; None when no epoch or
+    checkpoint ever finished. What a cancel with keep_partial, or a run past max_runtime_s, leaves."""
+    from worker.distill.checkpoints import load_latest_checkpoint
+
+    w = Work(Path(work))
+    folder = w.checkpoints / LM_CHECKPOINTS
+    if (folder / STUDENT).is_file():
+        state = torch.load(folder / STUDENT, map_location="cpu", weights_only=True)
+    else:
+        checkpoint = load_latest_checkpoint(folder / "kd")
+        if checkpoint is None:
+            return None
+        state = checkpoint["model"]
+    teacher = _teacher(w, "cpu")  # the student's family and its tokenizer
+    student, resolved = _new_student(config, teacher, _student_init(w))
+    student.load_state_dict(state)
+    out = Path(work) / "partial"
+    shutil.rmtree(out, ignore_errors=True)
+    archive = export_hf(student, teacher.tokenizer, out, resolved=resolved, card={"partial": True})
+    return archive.replace(out / PARTIAL_ARCHIVE)

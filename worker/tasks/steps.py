@@ -63,7 +63,13 @@ def export_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> 
 
 def partial_student_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> str | None:
     """Write the newest verified student weights to partial/partial_student.pt; its name, or None if the
-    run never finished an epoch. Prefers the finished distilled student, then fine-tuning, then distilling."""
+    run never finished an epoch. Prefers the finished distilled student, then fine-tuning, then distilling.
+    A causal LM's is a Hugging Face folder, partial/partial_student_hf.tar.gz."""
+    if config.get("task") == "causal_lm":
+        from worker.distill import lm_pipeline
+
+        archive = lm_pipeline.lm_partial_student(work, _lm_config(config))
+        return None if archive is None else archive.name
     import torch
 
     from worker.distill.checkpoints import load_latest_checkpoint
