@@ -41,18 +41,39 @@ def jobs_page() -> str:
 
 
 def new_job_page() -> str:
+    # new.js fills the method list and the student's and epochs' defaults from the task, and shows the hints
+    # marked with that task (data-task); the spans carry both tasks' words so the page needs no templating.
     body = """<h1>New job</h1>
 <form id="job-form" class="card">
-<label>Teacher model (TorchScript, ONNX, safetensors; several files make an ensemble)
+<label>Task <select id="task" name="task"><option value="classification">classification</option>
+ <option value="causal_lm">causal language model (token-level KD)</option></select></label>
+<label>Teacher model <span class="hint" data-task="classification">(TorchScript, ONNX, safetensors;
+ a text classifier: a Hugging Face sequence-classification folder as .tar.gz/.zip, or an ONNX model with its
+ tokenizer.json in one archive; several files make an ensemble)</span><span class="hint" data-task="causal_lm"
+ hidden>(a Hugging Face model folder as .tar.gz/.zip, or a GGUF file)</span>
  <input id="teacher" name="teacher" type="file" multiple required></label>
-<label>Training data (npz, csv, parquet, image archive, idx) <input id="dataset" name="dataset" type="file"
- required></label>
-<label>Student <input id="student" name="student" value="mlp:hidden=128" required></label>
-<label>Method <select id="method" name="method"><option value="auto">auto (Hinton KD or DIST, chosen on
- validation)</option><option>hinton</option><option>soft_target</option>
- <option>mse_logits</option><option>dkd</option><option>dist</option></select></label>
+<label>Training data <span class="hint" data-task="classification">(npz, csv, parquet, image archive, idx;
+ text: CSV, Parquet or JSONL with a text and a label column)</span><span class="hint" data-task="causal_lm"
+ hidden>(JSONL, txt, CSV or Parquet; prompts alone are completed by the teacher first: see
+ <code>generate</code> below)</span> <input id="dataset" name="dataset" type="file" required></label>
+<label>Student <span class="hint" data-task="classification">(mlp, logreg, cnn, resnet; text:
+ text_transformer:layers=2;hidden=256;heads=4, teacher_layers:keep=0,2,4, textcnn, bow:embed=64)</span><span
+ class="hint" data-task="causal_lm" hidden>(causal_lm:layers=4;hidden=256;heads=4, or
+ teacher_layers:keep=0,8,16,24; empty: a causal LM half the teacher's size)</span>
+ <input id="student" name="student" value="mlp:hidden=128" placeholder="mlp:hidden=128"></label>
+<label>Method <select id="method" name="method"></select></label>
 <label>Epochs <input id="epochs" name="epochs" type="number" min="1" value="10" required></label>
+<fieldset id="text-data"><legend>Text data <span class="hint" data-task="classification">(for text
+ datasets)</span></legend>
+<label>Text column <input id="text-column" name="text_column" maxlength="200" placeholder="text"></label>
+<label>Max length (tokens) <input id="max-length" name="max_length" type="number" min="1" max="8192"
+ placeholder="128"></label>
+<p class="hint">Left empty, a field is not sent: the job takes its value in Other settings, or the
+ default shown.</p></fieldset>
 <label>Other settings (JSON) <textarea id="config" name="config" rows="3">{}</textarea></label>
+<p class="hint">Any other config field, e.g. <code>{"lr": 0.01}</code><span data-task="causal_lm" hidden>, or
+ for a dataset of prompts <code>{"generate": {"max_new_tokens": 128}}</code></span>. The fields above win
+ over the same keys here.</p>
 <label>Webhook URL (optional) <input id="webhook" name="webhook_url" type="url"></label>
 <button type="submit" id="start">Start job</button><p id="form-status" class="hint"></p>
 <p id="form-error" class="error" role="alert"></p></form>"""

@@ -2,7 +2,7 @@
 the form, watch it reach `succeeded`, check the curves drew their points and the download link returns the
 student, and save a screenshot (also to $DISTILL_SCREENSHOT_DIR when set). Then, against the API alone with
 jobs walked through their states by hand: each curve named in words beside a stroke sample, and each job's
-result in the list."""
+result in the list. Last, the form's task switch and what it posts for each task."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import pytest
 import uvicorn
 
 from app.jobs import lifecycle
-from tests.support.api import FAST_CONFIG
+from app.jobs.config_schema import LM_METHODS, METHODS
+from tests.support.api import FAST_CONFIG, bearer
 from tests.support.data import gaussian_problem
 from tests.support.processes import free_port, wait_until
 from tests.support.services import Local, Served, local_app, served
@@ -34,7 +35,7 @@ if not (Path(CHROMIUM).exists() and CHROMEDRIVER):
 
 from selenium.webdriver.chrome.service import Service as DriverService  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 STATES = ["queued", "soft_labeling", "distilling", "evaluating", "exporting", "succeeded"]
 
@@ -249,3 +250,92 @@ def test_curves_name_every_line_in_words_and_the_list_shows_each_jobs_result(
             check_curves(browser, url, lm, ["student (KD)", "baseline (CE only)", "teacher"])
             logs = browser.get_log("browser")
             assert not [e for e in logs if e["level"] == "SEVERE" and e["source"] != "network"], logs
+
+
+def submit_form(driver: Any, teacher: Path, dataset: Path, fields: dict[str, str]) -> str:
+    """Fill the new-job form (which is open) with the two files and `fields` (id: text typed over the
+    field's value), press Start; the id of the job the form opens."""
+    driver.find_element(By.ID, "teacher").send_keys(str(teacher))
+    driver.find_element(By.ID, "dataset").send_keys(str(dataset))
+    for name, value in fields.items():
+        driver.find_element(By.ID, name).clear()
+        driver.find_element(By.ID, name).send_keys(value)
+    driver.find_element(By.ID, "start").click()
+    WebDriverWait(driver, 30).until(
+        lambda d: "/ui/jobs/job_" in d.current_url or d.find_element(By.ID, "form-error").text
+    )
+    assert "/ui/jobs/job_" in driver.current_url, driver.find_element(By.ID, "form-error").text
+    return str(driver.current_url.rsplit("/", 1)[1])
+
+
+def test_the_form_follows_the_task_and_posts_its_text_settings(browser: Any, tmp_path: Path) -> None:
+    # The worker checks the files' contents, not the API: junk bytes under the right names make a job.
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    teacher, lm_data, text_data = (inputs / f for f in ("teacher.gguf", "lm.jsonl", "reviews.csv"))
+    teacher.write_bytes(b"GGUF junk")
+    lm_data.write_text('{"text": "hello"}\n')
+    text_data.write_text("review,label\ngood,1\n")
+    with local_app(tmp_path) as local:
+        key = local.key("acme")
+        with serving_in_thread(local) as url:
+            log_in(browser, url, key)
+            browser.get(f"{url}/ui/new")
+            wait = WebDriverWait(browser, 30)
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#method option"))
+            task, method = Select(browser.find_element(By.ID, "task")), browser.find_element(By.ID, "method")
+
+            def form() -> dict[str, Any]:
+                """The methods offered, the student and epochs fields, and the text group's heading."""
+                return {
+                    "methods": [o.get_attribute("value") for o in method.find_elements(By.CSS_SELECTOR, "*")],
+                    "student": browser.find_element(By.ID, "student").get_attribute("value"),
+                    "placeholder": browser.find_element(By.ID, "student").get_attribute("placeholder"),
+                    "epochs": browser.find_element(By.ID, "epochs").get_attribute("value"),
+                    "text data": browser.find_element(By.CSS_SELECTOR, "#text-data legend").text,
+                }
+
+            classification = {"methods": ["auto", "hinton", "soft_target", "mse_logits", "dkd", "dist"],
+                              "student": "mlp:hidden=128", "placeholder": "mlp:hidden=128", "epochs": "10",
+                              "text data": "Text data (for text datasets)"}  # fmt: skip
+            assert form() == classification and set(classification["methods"]) == {"auto", *METHODS}
+            task.select_by_value("causal_lm")
+            language_model = {"methods": ["auto", "fkl", "rkl", "gkd"], "student": "causal_lm",
+                              "placeholder": "causal_lm", "epochs": "4", "text data": "Text data"}
+            assert form() == language_model  # "ce" is the baseline's loss, not a KD method to offer
+            assert set(language_model["methods"]) == {"auto", *LM_METHODS} - {"ce"}
+            teacher_input = browser.find_element(By.ID, "teacher")
+            assert "GGUF" in teacher_input.find_element(By.XPATH, "..").text
+            assert teacher_input.get_attribute("multiple") is None  # one teacher: no ensembles of LMs
+            Select(method).select_by_value("gkd")
+            task.select_by_value("classification")  # gkd is no classification method: back to auto
+            assert form() == classification and method.get_attribute("value") == "auto"
+            # A student typed in stays when the task changes; epochs left at the default follow it.
+            browser.find_element(By.ID, "student").clear()
+            browser.find_element(By.ID, "student").send_keys("textcnn")
+            task.select_by_value("causal_lm")
+            assert form()["student"] == "textcnn" and form()["epochs"] == "4"
+
+            Select(method).select_by_value("gkd")
+            lm_job = submit_form(browser, teacher, lm_data, {
+                "student": "causal_lm:layers=2;hidden=64;heads=2", "text-column": "body", "max-length": "256",
+                "config": json.dumps({"max_length": 64, "generate": {"max_new_tokens": 16}}),
+            })  # fmt: skip
+            # Classification, the text fields left empty: they are not sent, so Other settings' value holds.
+            browser.get(f"{url}/ui/new")
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#method option"))
+            text_job = submit_form(browser, teacher, text_data, {
+                "student": "bow:embed=8", "config": json.dumps({"text_column": "review"})})
+            logs = browser.get_log("browser")
+            assert not [e for e in logs if e["level"] == "SEVERE" and e["source"] != "network"], logs
+
+        lm, text = (local.http.get(f"/v1/jobs/{j}", headers=bearer(key)).json() for j in (lm_job, text_job))
+    shown = ("student", "method", "epochs", "text_column", "max_length")
+    assert lm["task"] == "causal_lm" and {k: lm["config"][k] for k in shown} == {
+        "student": "causal_lm:layers=2;hidden=64;heads=2", "method": "gkd", "epochs": 4,
+        "text_column": "body", "max_length": 256,  # the form's field beat the JSON's 64
+    }  # fmt: skip
+    assert lm["config"]["generate"]["max_new_tokens"] == 16 and lm["metadata"] == {"source": "dashboard"}
+    assert text["task"] == "classification" and {k: text["config"][k] for k in shown} == {
+        "student": "bow:embed=8", "method": "auto", "epochs": 10, "text_column": "review", "max_length": 128,
+    }  # fmt: skip
