@@ -15,7 +15,7 @@ import torch
 from lm_student_fixtures import TEXTS
 from tiny_lm import CORPUS, pack, save_folder
 
-from worker.distill import lm_pipeline
+from worker.distill import lm_inputs, lm_outputs, lm_pipeline
 from worker.distill.checkpoints import load_latest_checkpoint
 from worker.distill.errors import ConfigError, DistillError
 from worker.distill.lm_config import LMConfig
@@ -65,7 +65,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     config = LMConfig.from_dict(SETTINGS)
     events: list[dict[str, Any]] = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lm_pipeline, "SPEED_SECONDS", 0.01)
+        mp.setattr(lm_outputs, "SPEED_SECONDS", 0.01)
         summary = lm_preflight(work, config)
         manifest = lm_soft_label(work, config, events.append)
         result = lm_distill(work, config, events.append)
@@ -156,7 +156,7 @@ def test_a_finished_soft_label_or_distill_stage_does_no_work(
         raise AssertionError("a finished stage loaded the teacher")
 
     forget_lm_teacher()
-    monkeypatch.setattr(lm_pipeline, "load_lm_teacher", no_teacher)
+    monkeypatch.setattr(lm_inputs, "load_lm_teacher", no_teacher)
     work = job["work"]
     before = _snapshot(work / "soft_labels") | _snapshot(work / "checkpoints")
     events: list[dict[str, Any]] = []
