@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     reaper_stale_after_s: float = Field(default=300.0, gt=0)
     # How often a running stage pushes its work folder (soft-label shards) to the store between epochs.
     mirror_interval_s: float = Field(default=30.0, gt=0)
+    # A classification job's soft-label stage over more rows than this is split into shard tasks of about
+    # this many rows each (whole shards of the job's `shard_size`), which any workers of the `soft_label`
+    # queue label side by side (worker/tasks/shards.py). 0: one task labels the whole dataset.
+    soft_label_task_rows: int = Field(default=0, ge=0)
     # Per tenant (app.limits): jobs queued or running at once, and of those, waiting for a worker.
     max_active_jobs_per_tenant: int = Field(default=20, ge=1)
     max_queued_jobs_per_tenant: int = Field(default=10, ge=1)
@@ -82,6 +86,10 @@ class Settings(BaseSettings):
     # only for one trusted user on a machine without user namespaces, never with more than one tenant.
     sandbox: Literal["bwrap", "off"] = "bwrap"
     bwrap_path: str = "bwrap"
+    # Processes a classification job's distill stage trains on, data-parallel inside its stage child
+    # (worker/distill/data_parallel.py): one per GPU (at most as many as the worker sees), or CPU processes
+    # over gloo. `distill worker --procs N` sets it. 1: one process, nothing spawned.
+    worker_procs: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:

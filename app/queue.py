@@ -17,6 +17,8 @@ SOFT_LABEL_QUEUE = "soft_label"
 DISTILL_QUEUE = "distill"
 TASK_SOFT_LABEL = "distill.soft_label"
 TASK_DISTILL = "distill.distill"
+# One shard task of a soft-label stage split over workers: takes the job id and the shard's number.
+TASK_SOFT_LABEL_SHARD = "distill.soft_label_shard"
 # stage name -> (task name, queue); a task takes the job id only
 STAGE_TASKS = {"soft_label": (TASK_SOFT_LABEL, SOFT_LABEL_QUEUE), "distill": (TASK_DISTILL, DISTILL_QUEUE)}
 

@@ -20,10 +20,21 @@ from kombu import Exchange, Queue
 
 from app.config import Settings, get_settings
 from app.observability.logging import install_celery_logging
-from app.queue import DISTILL_QUEUE, SOFT_LABEL_QUEUE, TASK_DISTILL, TASK_SOFT_LABEL, celery_config
+from app.queue import (
+    DISTILL_QUEUE,
+    SOFT_LABEL_QUEUE,
+    TASK_DISTILL,
+    TASK_SOFT_LABEL,
+    TASK_SOFT_LABEL_SHARD,
+    celery_config,
+)
 
 QUEUES = (SOFT_LABEL_QUEUE, DISTILL_QUEUE)
-TASK_ROUTES = {TASK_SOFT_LABEL: {"queue": SOFT_LABEL_QUEUE}, TASK_DISTILL: {"queue": DISTILL_QUEUE}}
+TASK_ROUTES = {
+    TASK_SOFT_LABEL: {"queue": SOFT_LABEL_QUEUE},
+    TASK_SOFT_LABEL_SHARD: {"queue": SOFT_LABEL_QUEUE},
+    TASK_DISTILL: {"queue": DISTILL_QUEUE},
+}
 # A Redis message not acked within this long is handed to another worker. Jobs may run longer; the
 # redelivery then loses `claim_stage` while the first worker's lease is alive, and acks as a no-op.
 REDIS_VISIBILITY_TIMEOUT_S = 6 * 3600
@@ -66,9 +77,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
     )
     # Explicit: the tasks and the reaper are registered here, not as a side effect of importing a module.
     from worker import reaper
-    from worker.tasks import jobs
+    from worker.tasks import jobs, shards
 
     jobs.register(celery)
+    shards.register(celery)
     reaper.register(celery)
     return celery
 

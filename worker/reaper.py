@@ -7,6 +7,9 @@
 - A queued job, or a running one released between stages, that nobody touched for `stale_after_s` had its
   message lost (a crash between commit and enqueue, a broker restart without persistence): its task is
   sent again. A duplicate message is harmless: only one delivery wins `claim_stage`.
+- The same for the shard tasks of a split soft-label stage: a shard whose lease expired goes back to
+  waiting with a `worker_lost` event naming it, and its task is sent again (the next delivery resumes it
+  from the shard files its lost worker mirrored); a waiting shard untouched for `stale_after_s` is re-sent.
 
 Every worker runs a reaper thread; the compare-and-set on the row makes concurrent reapers act once.
 """
@@ -36,17 +39,22 @@ def reap_once(
     ctx: WorkerContext, *, now: datetime | None = None, stale_after_s: float = STALE_AFTER_S
 ) -> dict[str, list[str]]:
     """One pass; returns the job ids it re-drove, by reason. The stage tasks are sent after the commit."""
-    from worker.tasks.jobs import _enqueue  # the tasks module imports this one's package
+    from worker.tasks.jobs import _enqueue, enqueue_shard  # the tasks module imports this one's package
 
     with session_scope(ctx.db) as session:
         reaped = lifecycle.reap(session, now or utcnow(), stale_after_s, BATCH)
-        resend = dict(reaped.resend)
+        resend, shards = dict(reaped.resend), list(reaped.shards)
+
         def send() -> None:
             for job_id, stage in resend.items():
                 _enqueue(ctx, stage, job_id)
+            for job_id, number in shards:
+                enqueue_shard(ctx, job_id, number)
 
         on_commit(session, send)
     done = {"worker_lost": reaped.worker_lost, "requeued": reaped.requeued}
+    if shards:
+        done["shards"] = [f"{job_id}#{number}" for job_id, number in shards]
     if any(done.values()):
         log.warning("reaper: %s", {k: v for k, v in done.items() if v})
     return done

@@ -53,11 +53,14 @@ class SandboxUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Sandbox:
-    """How stage children are confined. `extra_ro`: more read-only folders (tests bind their own steps)."""
+    """How stage children are confined, and what they are given. `extra_ro`: more read-only folders (tests
+    bind their own steps). `procs`: processes a stage child may train on, data-parallel (the worker's
+    `--procs`), as it is given the machine's GPUs; they share its namespaces and talk over its loopback."""
 
     mode: Literal["bwrap", "off"] = "bwrap"
     bwrap: str = "bwrap"
     extra_ro: tuple[Path, ...] = field(default_factory=tuple)
+    procs: int = 1
 
     @property
     def confined(self) -> bool:

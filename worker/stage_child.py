@@ -10,10 +10,12 @@ unpickle anything. Its stdout and stderr are the worker's, for logs only.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import importlib
 import json
 import os
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 HEADER = struct.Struct(">I")
 # Read by the interpreter before anything of ours is importable: sys.path comes from the first stdin line.
 BOOTSTRAP = (
@@ -46,7 +49,17 @@ def resolve_step(ref: str) -> Callable[..., Any]:
     return step
 
 
+_granted = {"procs": 1}
+
+
+def granted_procs() -> int:
+    """Processes this stage child may train on, data-parallel: the worker's `--procs` (its Sandbox says, on
+    the boot line). 1 outside a stage child."""
+    return _granted["procs"]
+
+
 def main(boot: dict[str, Any]) -> None:
+    _granted["procs"] = max(1, int(boot.get("procs", 1)))
     out = os.fdopen(boot["fd"], "wb", buffering=0)
     lock = threading.Lock()
 
@@ -106,4 +119,19 @@ def _isolate_network() -> bool:
     """Unconfined mode only (bwrap gives the child its own network namespace): a new, empty network
     namespace where Linux allows it, so a user's model cannot reach the DB, broker or cloud metadata."""
     libc = ctypes.CDLL(None, use_errno=True)
-    return libc.unshare(CLONE_NEWNET) == 0 or libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0
+    isolated = libc.unshare(CLONE_NEWNET) == 0 or libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0
+    if isolated:
+        try:
+            _loopback_up()
+        except OSError:
+            pass  # isolated all the same; only a data-parallel stage fails, at its rendezvous
+    return isolated
+
+
+def _loopback_up() -> None:
+    """A new network namespace starts with its loopback down (bwrap brings its own up): data-parallel ranks
+    meet on 127.0.0.1, which reaches nothing but this namespace."""
+    with socket.socket() as sock:
+        request = struct.pack("16sh", b"lo", 0)
+        (flags,) = struct.unpack_from("h", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request), 16)
+        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))

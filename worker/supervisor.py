@@ -212,6 +212,7 @@ class _Child:
             "fd": write_end,
             "path": [os.path.abspath(p) for p in sys.path if p],
             "isolate_network": not sandbox.confined,
+            "procs": sandbox.procs,
         }
         assert proc.stdin is not None
         try:

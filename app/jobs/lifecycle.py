@@ -7,6 +7,11 @@ between the steps of its stage (`claim_stage`), keeps its lease (`renew_lease`),
 on or back (`hand_back`), finishes it (`finish_job`), fails it (`fail_job`), or gives the attempt up to be
 retried (`end_attempt`). The reaper clears lost workers' leases and re-sends lost messages (`reap`).
 
+A soft-label stage split over workers moves the same way, one shard at a time: the task that planned it
+(`plan_shards`) hands the job's lease back, and each shard task claims its shard (`claim_shard`), keeps its
+lease (`renew_shard_lease`), reports (`record_shard_progress`) and ends in one way: `finish_shard` (the
+last one takes the job's lease to finish the stage), `end_shard_attempt`, or `fail_shard`.
+
 Each move is a compare-and-set on the row through `app.jobs.repository` (no SQL here) and writes its event;
 the transition table is `app.jobs.state`. Functions flush; the caller's edge commits.
 """
@@ -25,7 +30,7 @@ from app.files import repository as files_repository
 from app.files.models import File
 from app.jobs import repository
 from app.jobs.exceptions import JobNotFound
-from app.jobs.models import Artifact, Job, JobEvent
+from app.jobs.models import Artifact, Job, JobEvent, JobShard
 from app.jobs.state import RUNNING, check_transition, is_terminal, timestamp_column
 
 DEFAULT_LEASE_S = 120
@@ -129,7 +134,7 @@ def claim(
     if job is not None:
         return job
     current = get_job_for_worker(session, job_id)
-    if current is None or current.status not in resumable:
+    if current is None or current.status not in resumable or handed_on(current):
         return None
     job = claim_stage(session, job_id, current.status, current.status, worker_id, lease_s=lease_s)
     if job is None:
@@ -141,6 +146,12 @@ def claim(
         )
         return None
     return job
+
+
+def handed_on(job: Job) -> bool:
+    """The soft-label stage is done and the job waits for `distill.distill`: a late delivery of the stage's
+    own task (a duplicate, a re-send) must not take it back and hand it on a second time."""
+    return job.status == "soft_labeling" and job.lease_owner is None and (job.progress or 0.0) >= 1.0
 
 
 def claim_stage(
@@ -325,6 +336,170 @@ def finish_job(session: Session, job_id: str, metrics: dict[str, Any] | None = N
     return transition(session, job_id, "succeeded", expected="exporting", values=values, clear_lease=True)
 
 
+# ---- a soft-label stage split over workers: its shard tasks ---------------------------------------------
+# Every move of a shard locks its job's row first (`repository.lock_job`), so moves of one job's shards are
+# serialized: the last shard to finish sees every other one done, and a cancel, a claim and a finish never
+# interleave. Each is a compare-and-set on the shard row, so a second delivery of a shard's task is a no-op.
+
+
+def plan_shards(session: Session, job_id: str, worker_id: str, ranges: list[tuple[str, int, int]]) -> bool:
+    """This worker, holding the soft-label stage, splits it into shard tasks over `ranges` (split, start,
+    end) and hands the job's lease back: from now on the stage is its shards'. False: the job moved on."""
+    now = utcnow()
+    if repository.lock_job(session, job_id, now) != "soft_labeling":
+        return False
+    if not repository.release_lease(session, job_id, "soft_labeling", worker_id, {}):
+        return False
+    repository.add_shards(session, job_id, ranges, now)
+    rows = sum(end - start for _, start, end in ranges)
+    record_event(
+        session, job_id, "shards_planned", {"shards": len(ranges), "rows": rows, "worker_id": worker_id}
+    )
+    _show_shards(session, job_id)
+    return True
+
+
+def soft_label_shards(session: Session, job_id: str) -> list[JobShard]:
+    """The job's shard tasks, by number; none when its soft-label stage was not split."""
+    return repository.list_shards(session, job_id)
+
+
+def claim_shard(
+    session: Session, job_id: str, number: int, worker_id: str, *, lease_s: int = DEFAULT_LEASE_S
+) -> tuple[Job, JobShard] | None:
+    """A shard task's attempt: take a waiting shard, or take over one whose worker was lost (a `resumed`
+    event). None: nothing to do (a duplicate delivery, a shard done or held by a live worker, a job no longer
+    soft labelling, or the shard's last attempt spent: then the job fails with `worker_lost`, naming it)."""
+    now = utcnow()
+    if repository.lock_job(session, job_id, now) != "soft_labeling":
+        return None
+    if not repository.take_shard(session, job_id, number, worker_id, now + timedelta(seconds=lease_s), now):
+        return None
+    job, shard = refresh(session, job_id), repository.get_shard(session, job_id, number)
+    assert shard is not None
+    if shard.attempts > job.max_attempts:
+        lost = shard.attempts - 1
+        message = f"the worker running {describe_shard(shard)} was lost {lost} times; giving up"
+        fail_job(session, job_id, "worker_lost", message)
+        return None
+    data = {
+        "stage": "soft_labeling",
+        "shard": number,
+        "split": shard.split,
+        "rows": [shard.row_start, shard.row_end],
+        "worker_id": worker_id,
+        "attempt": shard.attempts,
+    }
+    record_event(session, job_id, "shard_started" if shard.attempts == 1 else "resumed", data)
+    _show_shards(session, job_id)
+    return job, shard
+
+
+def renew_shard_lease(
+    session: Session, job_id: str, number: int, worker_id: str, *, lease_s: int = DEFAULT_LEASE_S
+) -> bool:
+    """A shard task's heartbeat. False: stop (the job is no longer soft labelling, or the shard not ours)."""
+    state = repository.current_state(session, job_id)
+    if state is None or state[0] != "soft_labeling":
+        return False
+    until = utcnow() + timedelta(seconds=lease_s)
+    return repository.set_shard_if_held(session, job_id, number, worker_id, {"lease_expires_at": until})
+
+
+def record_shard_progress(
+    session: Session, job_id: str, number: int, worker_id: str, progress: float
+) -> bool:
+    """A shard's progress (0..1), and the job's over all its shards; False once the job or the shard is no
+    longer this task's (cancelled, failed, taken over), which tells the worker to stop."""
+    now = utcnow()
+    if repository.lock_job(session, job_id, now) != "soft_labeling":
+        return False
+    progress = min(1.0, max(0.0, progress)) if math.isfinite(progress) else 0.0
+    values = {"progress": progress, "updated_at": now}
+    if not repository.set_shard_if_held(session, job_id, number, worker_id, values):
+        return False
+    _show_shards(session, job_id)
+    return True
+
+
+def finish_shard(
+    session: Session, job_id: str, number: int, worker_id: str, *, lease_s: int = DEFAULT_LEASE_S
+) -> Job | None:
+    """This worker's shard is done (its outputs are in the store). When it was the last one, the worker
+    takes the job's lease, in the same transaction, to finish the stage: the job is returned, to exactly one
+    worker. None: shards remain, or the shard or the job is no longer this task's."""
+    now = utcnow()
+    if repository.lock_job(session, job_id, now) != "soft_labeling":
+        return None
+    done = {"status": "done", "progress": 1.0, "lease_owner": None, "lease_expires_at": None}
+    if not repository.set_shard_if_held(session, job_id, number, worker_id, {**done, "finished_at": now}):
+        return None
+    record_event(session, job_id, "shard_done", {"shard": number, "worker_id": worker_id})
+    _show_shards(session, job_id)
+    if repository.count_unfinished_shards(session, job_id):
+        return None
+    until = now + timedelta(seconds=lease_s)
+    if not repository.take_free_lease(session, job_id, "soft_labeling", worker_id, until):
+        return None
+    return refresh(session, job_id)
+
+
+def end_shard_attempt(
+    session: Session, job_id: str, number: int, worker_id: str, code: str | None, message: str
+) -> float | None:
+    """A shard task ended without a verdict on the job (`end_attempt`, for one shard): the delay before its
+    task is sent again (the shard waiting once more), or None: nothing to re-send, because the shard is no
+    longer this worker's, or `code` spent its last attempt, which fails the job naming the shard."""
+    now = utcnow()
+    if repository.lock_job(session, job_id, now) != "soft_labeling":
+        return None
+    shard = repository.get_shard(session, job_id, number)
+    if shard is None or shard.status != "running" or shard.lease_owner != worker_id:
+        return None
+    job = refresh(session, job_id)
+    if code is not None and shard.attempts >= job.max_attempts:
+        where = f"{describe_shard(shard)}, attempt {shard.attempts} of {job.max_attempts}"
+        fail_job(session, job_id, code, f"{message} ({where})")
+        return None
+    if code is not None:
+        failed = {"stage": "soft_labeling", "shard": number, "attempt": shard.attempts, "code": code}
+        record_event(session, job_id, "attempt_failed", {**failed, "message": message})
+    waiting = {"status": "waiting", "lease_owner": None, "lease_expires_at": None, "updated_at": now}
+    if not repository.set_shard_if_held(session, job_id, number, worker_id, waiting):
+        return None
+    _show_shards(session, job_id)
+    return 0.0 if code is None else float(RETRY_BACKOFF_S[min(shard.attempts, len(RETRY_BACKOFF_S)) - 1])
+
+
+def fail_shard(session: Session, job_id: str, number: int, code: str, message: str) -> bool:
+    """The shard cannot succeed (the model or the data is at fault): the job fails, the message naming it."""
+    shard = repository.get_shard(session, job_id, number)
+    where = describe_shard(shard) if shard is not None else f"soft-label shard {number}"
+    return fail_job(session, job_id, code, f"{where}: {message}")
+
+
+def _rows_labelled(shard: JobShard) -> float:
+    share = 1.0 if shard.status == "done" else shard.progress if shard.status == "running" else 0.0
+    return (shard.row_end - shard.row_start) * share
+
+
+def describe_shard(shard: JobShard) -> str:
+    return f"soft-label shard {shard.number} ({shard.split} rows {shard.row_start}-{shard.row_end})"
+
+
+def _show_shards(session: Session, job_id: str) -> None:
+    """The job's progress over its shards (rows labelled), and in its metrics how many shards are done,
+    running and waiting, and which worker holds each running one."""
+    shards = repository.list_shards(session, job_id)
+    rows = sum(s.row_end - s.row_start for s in shards) or 1
+    labelled = sum(_rows_labelled(s) for s in shards)
+    counts = {status: sum(s.status == status for s in shards) for status in ("done", "running", "waiting")}
+    held_by = {str(s.number): s.lease_owner for s in shards if s.status == "running"}
+    metrics = {"stage": "soft_label", "shards": {"total": len(shards), **counts, "held_by": held_by}}
+    values = {"progress": min(1.0, labelled / rows), "metrics": metrics, "updated_at": utcnow()}
+    repository.set_if_status(session, job_id, "soft_labeling", values)
+
+
 # ---- the reaper --------------------------------------------------------------------------------------------
 
 
@@ -336,6 +511,7 @@ class Reaped:
     worker_lost: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     resend: dict[str, str] = field(default_factory=dict)  # job id -> "soft_label" | "distill"
+    shards: list[tuple[str, int]] = field(default_factory=list)  # (job id, shard number) to re-send
 
 
 def stage_task_of(status: str, handed_over: bool) -> str:
@@ -365,12 +541,31 @@ def reap(session: Session, now: datetime, stale_after_s: float, batch: int) -> R
     for job in repository.stale_unleased(session, ("queued", *RUNNING), before, batch):
         if repository.touch_if_unchanged(session, job.id, job.status, job.updated_at, now):
             reaped.requeued.append(job.id)
-            handed[job.id] = job.status == "soft_labeling" and (job.progress or 0) >= 1.0
+            handed[job.id] = handed_on(job)
     for job_id in reaped.worker_lost + reaped.requeued:
         state = repository.current_state(session, job_id)
         if state is not None:
             reaped.resend[job_id] = stage_task_of(state[0], handed.get(job_id, False))
+    _reap_shards(session, now, before, batch, reaped)
     return reaped
+
+
+def _reap_shards(session: Session, now: datetime, before: datetime, batch: int, reaped: Reaped) -> None:
+    """A shard whose worker was lost goes back to waiting with one `worker_lost` event naming it; a waiting
+    shard untouched since `before` had its message lost. Both are re-sent (`reaped.shards`)."""
+    for shard in repository.expired_shard_leases(session, now, batch):
+        if repository.lock_job(session, shard.job_id, now) != "soft_labeling":
+            continue
+        owner, attempt = shard.lease_owner, shard.attempts
+        if repository.release_expired_shard(session, shard.job_id, shard.number, owner, now):
+            lost = {"stage": "soft_labeling", "shard": shard.number, "worker_id": owner, "attempt": attempt}
+            record_event(session, shard.job_id, "worker_lost", lost)
+            _show_shards(session, shard.job_id)
+            reaped.shards.append((shard.job_id, shard.number))
+    for shard in repository.stale_waiting_shards(session, before, batch):
+        job_id, number, updated_at = shard.job_id, shard.number, shard.updated_at
+        if repository.touch_shard_if_unchanged(session, job_id, number, updated_at, now):
+            reaped.shards.append((job_id, number))
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------

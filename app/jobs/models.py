@@ -93,3 +93,26 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     content_type: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class JobShard(Base):
+    """One task of a soft-label stage split over workers: rows [row_start, row_end) of one split, claimed,
+    leased, retried and resumed like a stage (`app.jobs.lifecycle`). `waiting` -> `running` -> `done`; a
+    running shard whose worker was lost goes back to `waiting`."""
+
+    __tablename__ = "job_shards"
+    __table_args__ = (Index("ix_job_shards_status_lease", "status", "lease_expires_at"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    split: Mapped[str] = mapped_column(String(20))
+    row_start: Mapped[int] = mapped_column(Integer)
+    row_end: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), default="waiting")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    worker_id: Mapped[str | None] = mapped_column(String(255))  # who holds it now, or who finished it
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from app.db.aio import Lookup
 from app.db.repository import keyset_page
 from app.db.session import Database
-from app.jobs.models import Artifact, Job, JobEvent
+from app.jobs.models import Artifact, Job, JobEvent, JobShard
 from app.jobs.schemas import JobOut
 from app.jobs.state import STATES, TIMESTAMP_STATES
 
@@ -188,7 +188,8 @@ def set_if_status(session: Session, job_id: str, expected: str, values: dict[str
 def take_lease(
     session: Session, job_id: str, status: str, worker_id: str, until: datetime, now: datetime
 ) -> bool:
-    """Take a running stage over (one more attempt) if its lease is free, expired or already this worker's."""
+    """Take a running stage over (one more attempt) if its lease is free, expired or already this worker's,
+    and no shard task of it is unfinished (the stage is then its shards' to finish, not a task's)."""
     free = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now, Job.lease_owner == worker_id)
     values = {
         "lease_owner": worker_id,
@@ -196,7 +197,20 @@ def take_lease(
         "updated_at": now,
         "attempts": Job.attempts + 1,
     }
-    return _set_if(session, job_id, status, values, free)
+    return _set_if(session, job_id, status, values, free, ~_unfinished_shards(job_id).exists())
+
+
+def take_free_lease(session: Session, job_id: str, status: str, worker_id: str, until: datetime) -> bool:
+    """Take the lease of a job nobody holds, counting no attempt (the worker that finished its last shard)."""
+    values = {"lease_owner": worker_id, "lease_expires_at": until}
+    return _set_if(session, job_id, status, values, Job.lease_owner.is_(None))
+
+
+def lock_job(session: Session, job_id: str, now: datetime) -> str | None:
+    """Lock the job's row for the rest of the transaction (and touch it); its status, None if it is gone.
+    A write, not SELECT FOR UPDATE, so that SQLite, which ignores the latter, serializes the same way."""
+    stmt = update(Job).where(Job.id == job_id).values(updated_at=now).returning(Job.status)
+    return session.execute(stmt.execution_options(synchronize_session=False)).scalar_one_or_none()
 
 
 def extend_lease(session: Session, job_id: str, status: str, worker_id: str, until: datetime) -> bool:
@@ -338,3 +352,129 @@ def past_soft_labels_for_tenant(
     )
     return list(session.scalars(query))
 
+
+# ---- the shard tasks of a split soft-label stage (each query names its job) --------------------------------
+
+
+def _unfinished_shards(job_id: Any) -> Any:
+    return select(JobShard.number).where(JobShard.job_id == job_id, JobShard.status != "done")
+
+
+def add_shards(session: Session, job_id: str, ranges: Sequence[tuple[str, int, int]], now: datetime) -> None:
+    session.add_all(
+        JobShard(
+            job_id=job_id,
+            number=number,
+            split=split,
+            row_start=start,
+            row_end=end,
+            status="waiting",
+            progress=0.0,
+            attempts=0,
+            updated_at=now,
+        )
+        for number, (split, start, end) in enumerate(ranges)
+    )
+    session.flush()
+
+
+def list_shards(session: Session, job_id: str) -> list[JobShard]:
+    query = select(JobShard).where(JobShard.job_id == job_id).order_by(JobShard.number)
+    return list(session.scalars(query.execution_options(populate_existing=True)))
+
+
+def get_shard(session: Session, job_id: str, number: int) -> JobShard | None:
+    return session.get(JobShard, (job_id, number), populate_existing=True)
+
+
+def count_unfinished_shards(session: Session, job_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(_unfinished_shards(job_id).subquery())) or 0
+
+
+def _set_shard_if(session: Session, job_id: str, number: int, values: dict[str, Any], *where: Any) -> bool:
+    """Compare-and-set on one shard: `UPDATE job_shards SET ... WHERE job_id, number [AND where]`."""
+    stmt = (
+        update(JobShard)
+        .where(JobShard.job_id == job_id, JobShard.number == number, *where)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return type_cast(CursorResult[Any], session.execute(stmt)).rowcount == 1
+
+
+def take_shard(
+    session: Session, job_id: str, number: int, worker_id: str, until: datetime, now: datetime
+) -> bool:
+    """Claim a waiting shard, or take over a running one whose lease expired or is already this worker's
+    (a retried task); one more attempt."""
+    free = or_(
+        JobShard.status == "waiting",
+        and_(
+            JobShard.status == "running",
+            or_(JobShard.lease_expires_at < now, JobShard.lease_owner == worker_id),
+        ),
+    )
+    values = {
+        "status": "running",
+        "lease_owner": worker_id,
+        "lease_expires_at": until,
+        "worker_id": worker_id,
+        "attempts": JobShard.attempts + 1,
+        "progress": 0.0,
+        "updated_at": now,
+    }
+    return _set_shard_if(session, job_id, number, values, free)
+
+
+def set_shard_if_held(
+    session: Session, job_id: str, number: int, worker_id: str, values: dict[str, Any]
+) -> bool:
+    """`values` written only while the shard is running under this worker's lease."""
+    held = and_(JobShard.status == "running", JobShard.lease_owner == worker_id)
+    return _set_shard_if(session, job_id, number, values, held)
+
+
+def release_expired_shard(
+    session: Session, job_id: str, number: int, owner: str | None, now: datetime
+) -> bool:
+    """The reaper's take: a shard still `owner`'s and still expired goes back to waiting (once)."""
+    lost = and_(JobShard.status == "running", JobShard.lease_owner == owner, JobShard.lease_expires_at < now)
+    values = {"status": "waiting", "lease_owner": None, "lease_expires_at": None, "updated_at": now}
+    return _set_shard_if(session, job_id, number, values, lost)
+
+
+def touch_shard_if_unchanged(
+    session: Session, job_id: str, number: int, updated_at: datetime, now: datetime
+) -> bool:
+    """Claim a stale waiting shard for one re-send: wins only if nobody touched it since it was read."""
+    unchanged = and_(JobShard.status == "waiting", JobShard.updated_at == updated_at)
+    return _set_shard_if(session, job_id, number, {"updated_at": now}, unchanged)
+
+
+def expired_shard_leases(session: Session, now: datetime, limit: int) -> list[JobShard]:
+    """Running shards of soft-labelling jobs whose worker stopped heartbeating, in a stable order."""
+    query = (
+        select(JobShard)
+        .join(Job, Job.id == JobShard.job_id)
+        .where(
+            Job.status == "soft_labeling",
+            JobShard.status == "running",
+            JobShard.lease_expires_at.is_not(None),
+            JobShard.lease_expires_at < now,
+        )
+        .order_by(JobShard.job_id, JobShard.number)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def stale_waiting_shards(session: Session, before: datetime, limit: int) -> list[JobShard]:
+    """Waiting shards of soft-labelling jobs untouched since `before`: their task message may be lost."""
+    query = (
+        select(JobShard)
+        .join(Job, Job.id == JobShard.job_id)
+        .where(Job.status == "soft_labeling", JobShard.status == "waiting", JobShard.updated_at < before)
+        .order_by(JobShard.job_id, JobShard.number)
+        .limit(limit)
+    )
+    return list(session.scalars(query))

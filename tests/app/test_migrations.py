@@ -16,7 +16,7 @@ from app.db import migrate
 from app.db.models import metadata
 from tests.support.services import create_database, drop_database
 
-TABLES = {"tenants", "api_keys", "files", "jobs", "job_events", "artifacts"}
+TABLES = {"tenants", "api_keys", "files", "jobs", "job_events", "artifacts", "job_shards"}
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

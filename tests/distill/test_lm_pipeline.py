@@ -15,7 +15,7 @@ import torch
 from lm_student_fixtures import TEXTS
 from tiny_lm import CORPUS, pack, save_folder
 
-from worker.distill import lm_inputs, lm_outputs, lm_pipeline
+from worker.distill import lm_inputs, lm_outputs
 from worker.distill.checkpoints import load_latest_checkpoint
 from worker.distill.errors import ConfigError, DistillError
 from worker.distill.lm_config import LMConfig

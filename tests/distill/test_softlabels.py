@@ -123,3 +123,41 @@ def test_shards_of_an_earlier_longer_run_are_removed(tmp_path, data):
     run(CountingTeacher(), x[:20], tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["train-00000.npz", "train-00001.npz"]
     assert load_soft_labels(tmp_path, "train").shape == (20, C)
+
+
+def test_a_stage_split_into_tasks_writes_the_files_of_one_run_and_then_labels_nothing(tmp_path, data):
+    """Each task writes its shards and a part; the whole stage after them reuses every shard (no teacher
+    row), writes the same manifest as one uninterrupted run and removes the parts."""
+    from worker.distill.shard_plan import shard_indices, task_ranges
+
+    x, y = data
+    ids = dict(teacher_sha256="t", dataset_sha256="d")
+    whole = run(CountingTeacher(), x, tmp_path / "one", y=y, **ids)
+    split = tmp_path / "split"
+    ranges = task_ranges({"train": len(x)}, 16, 32)
+    assert ranges == [("train", 0, 32), ("train", 32, 50)]
+    for _, start, end in reversed(ranges):  # any order, as workers finish them
+        part = run(CountingTeacher(), x, split, shards=shard_indices(start, end, 16), **ids)
+        assert [e["name"] for e in part["shards"]] == [
+            f"train-{i:05d}.npz" for i in shard_indices(start, end, 16)
+        ]
+    assert read_manifest(split) is None and len(list((split / "parts").iterdir())) == 2
+
+    teacher = CountingTeacher()
+    assert run(teacher, x, split, y=y, **ids) == whole
+    assert teacher.rows == 1  # the probe for the class count, no shard
+    assert sorted(p.name for p in split.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    for path in (tmp_path / "one").iterdir():
+        assert (split / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_a_task_resumes_from_its_part_and_a_part_for_other_inputs_vouches_for_nothing(tmp_path, data):
+    x, _ = data
+    run(CountingTeacher(), x, tmp_path, shards=range(0, 3), teacher_sha256="t")
+    (tmp_path / "train-00002.npz").unlink()
+    teacher = CountingTeacher()
+    run(teacher, x, tmp_path, shards=range(0, 3), teacher_sha256="t")
+    assert teacher.rows == 1 + 16  # the probe and the lost shard
+    other = CountingTeacher()
+    run(other, x, tmp_path, shards=range(0, 3), teacher_sha256="another teacher")
+    assert other.rows == 1 + 3 * 16

@@ -138,32 +138,36 @@ def _stat(pid: int) -> tuple[str, int]:
     return fields[0], int(fields[1])  # state, parent pid
 
 
-def _descends_from_us(pid: int) -> bool:
+def _descends_from(pid: int, ancestor: int) -> bool:
     while pid > 1:
         pid = _stat(pid)[1]
-        if pid == os.getpid():
+        if pid == ancestor:
             return True
     return False
 
 
+def stage_children(ancestor: int) -> list[StageProcess]:
+    """The stage children running now under process `ancestor` (a worker): the Pythons worker.supervisor
+    started, not the bwrap around them."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if (
+                proc.name.isdigit()
+                and b"worker.stage_child" in b" ".join(argv)
+                and not argv[0].endswith(b"bwrap")
+                and _descends_from(int(proc.name), ancestor)
+            ):
+                found.append(StageProcess(int(proc.name)))
+        except OSError:
+            continue
+    return found
+
+
 def stage_child(timeout: float = 60) -> StageProcess:
     """This test process's stage child: the Python started by worker.supervisor (not the bwrap around it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in Path("/proc").iterdir():
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-                if (
-                    proc.name.isdigit()
-                    and b"worker.stage_child" in b" ".join(argv)
-                    and not argv[0].endswith(b"bwrap")
-                    and _descends_from_us(int(proc.name))
-                ):
-                    return StageProcess(int(proc.name))
-            except OSError:
-                continue
-        time.sleep(0.05)
-    raise AssertionError("no stage process started")
+    return wait_until(lambda: next(iter(stage_children(os.getpid())), None), timeout, "a stage process", 0.05)
 
 
 def run_in_thread(fn: Callable[..., Any], *args: Any) -> threading.Thread:

@@ -95,8 +95,19 @@ def worker(
     check_sandbox: Annotated[
         bool, typer.Option("--check-sandbox", help="only say whether user models can be sandboxed here")
     ] = False,
+    procs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="processes a distill stage trains on, data-parallel: one per GPU, or CPU processes "
+            "(default: DISTILL_WORKER_PROCS, else 1)",
+        ),
+    ] = None,
 ) -> None:
-    """Run one Celery worker process. Production: one per GPU (CUDA_VISIBLE_DEVICES picks it)."""
+    """Run one Celery worker process. Production: one per GPU (CUDA_VISIBLE_DEVICES picks it), or one per
+    host with `--procs` GPUs each distill stage trains on together."""
+    if procs is not None:
+        _set_procs(procs)
     ok = sandbox_ready()
     if check_sandbox or not ok:
         # Fail closed: a worker that cannot sandbox user models does not take jobs at all.
@@ -104,6 +115,15 @@ def worker(
     from worker.celery_app import start_worker
 
     start_worker(worker_argv(queues, concurrency, pool, loglevel))
+
+
+def _set_procs(procs: int) -> None:
+    """`--procs` as the setting it stands for: the worker's settings (and so every task's context) read it
+    from the environment, like the rest of them."""
+    from app.config import get_settings
+
+    os.environ["DISTILL_WORKER_PROCS"] = str(procs)
+    get_settings.cache_clear()
 
 
 def sandbox_ready() -> bool:

@@ -1,7 +1,8 @@
 """The distill stage: choose T/alpha, distil the student, fine-tune it, train the baseline; all resumable.
 
 Each training run is a `_Phase`; `_Runs.run` trains one and returns its entry for state.json, so the stage
-reads top to bottom as a sequence of phases whose records flow back by return value.
+reads top to bottom as a sequence of phases whose records flow back by return value. With `procs` > 1 each
+phase trains data-parallel on that many processes (data_parallel.py); autotune's trials run before, on one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from worker.distill.config import DistillConfig
+from worker.distill.data_parallel import train_data_parallel
 from worker.distill.distill_record import BASELINE, STATE, STUDENT, DistillRecord
 from worker.distill.inputs import Loaded, fingerprint, load_inputs, new_student, stored_soft_labels
 from worker.distill.progress import Progress, emit
@@ -48,10 +50,12 @@ class _Runs:
     total_epochs: int
     on_progress: Progress | None
     stop: Callable[[], bool] | None
+    procs: int = 1  # processes each run trains on; 1: train() in this process, nothing spawned
 
     def run(self, phase: _Phase, model: nn.Module) -> dict[str, Any]:
         """Train `model` in place (resuming from the phase's checkpoints); the phase's state.json entry."""
-        result = train(
+        trainer = train if self.procs == 1 else functools.partial(train_data_parallel, self.procs)
+        result = trainer(
             model,
             self.train_data,
             self.val_data,
@@ -82,12 +86,14 @@ def distill(
     config: DistillConfig,
     on_progress: Progress | None = None,
     stop: Callable[[], bool] | None = None,
+    procs: int = 1,
 ) -> dict[str, Any]:
     """Choose T/alpha, train the student on the stored logits, fine-tune it, train the baseline.
 
     Each part is checkpointed and recorded in checkpoints/state.json as it finishes; a second call resumes
     the unfinished part (train() resumes mid-run from its epoch checkpoints) or returns the recorded result.
     `stop` is handed to every train() call: True raises `train.Stopped` with the last epoch checkpointed.
+    `procs`: processes each training run uses, data-parallel (autotune always runs on one).
     """
     w = Work(Path(work))
     loaded, student = load_inputs(w, config)
@@ -112,7 +118,8 @@ def distill(
     resolved = dataclasses.replace(
         config, method=hp.get("method", config.method), temperature=hp["temperature"], alpha=hp["alpha"]
     )
-    runs = _Runs(train_data, val_data, resolved, config.epochs + finetune + baseline, on_progress, stop)
+    total = config.epochs + finetune + baseline
+    runs = _Runs(train_data, val_data, resolved, total, on_progress, stop, procs)
 
     # Every phase runs again on a resumed call: a finished one only reloads its last checkpoint.
     phases = dict(record.phases)

@@ -14,7 +14,9 @@ data or settings (a different fingerprint in state.json) discards the checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,25 @@ import torch
 
 from worker.distill.config import DistillConfig
 from worker.distill.distill_stage import distill
-from worker.distill.inputs import load_inputs
+from worker.distill.errors import DistillError
+from worker.distill.inputs import Loaded, load_inputs
 from worker.distill.outputs import evaluate, export, report_path
 from worker.distill.progress import Progress, emit
+from worker.distill.shard_plan import shard_indices
 from worker.distill.softlabels import soft_label_stage
 from worker.distill.workfolder import Work, prepare_inputs, read_json
 
-__all__ = ["distill", "evaluate", "export", "prepare_inputs", "preflight", "run_all", "soft_label"]
+__all__ = [
+    "distill",
+    "evaluate",
+    "export",
+    "prepare_inputs",
+    "preflight",
+    "run_all",
+    "soft_label",
+    "soft_label_rows",
+    "split_rows",
+]
 
 SOFT_LABEL_BATCH = 1024
 TEXT_SOFT_LABEL_BATCH = 64  # a transformer's activations grow with batch x length^2
@@ -45,37 +59,95 @@ def preflight(work: Path, config: DistillConfig) -> dict[str, Any]:
 
 
 def soft_label(work: Path, config: DistillConfig, on_progress: Progress | None = None) -> dict[str, Any]:
-    """Run the teacher once over train and validation rows; resumes at shard granularity."""
+    """Run the teacher once over train and validation rows; resumes at shard granularity (and reuses the
+    shards that the tasks of a stage split over workers vouched for)."""
     w = Work(Path(work))
     loaded, _ = load_inputs(w, config)
-    device = _device()
-    splits = [("train", loaded.x, loaded.y)]
-    if loaded.x_val is not None and loaded.y_val is not None:
-        splits.append(("val", loaded.x_val, loaded.y_val))
+    splits = _splits(loaded)
     total, done = sum(len(x) for _, x, _ in splits), 0
     manifest: dict[str, Any] = {}
-    teacher = loaded.teacher.to(device)
-    try:
+    with _on_device(loaded) as (teacher, device):
         for split, x, y in splits:
             manifest = soft_label_stage(
                 teacher,
                 x,
                 w.soft_labels,
                 split=split,
-                fmt=config.soft_label_format,
-                k=config.topk,
-                shard_size=config.shard_size,
-                batch_size=SOFT_LABEL_BATCH if loaded.text is None else TEXT_SOFT_LABEL_BATCH,
-                device=device,
                 y=y,
-                teacher_sha256=loaded.teacher_sha256,
-                dataset_sha256=loaded.dataset_sha256,
                 on_progress=functools.partial(_split_progress, on_progress, done, len(x), total),
+                **_stage_settings(loaded, config, device),
             )
             done += len(x)
+    return manifest
+
+
+def split_rows(work: Path, config: DistillConfig) -> dict[str, int]:
+    """How many rows the soft-label stage labels per split (`train`, and `val` when there is one)."""
+    loaded, _ = load_inputs(Work(Path(work)), config)
+    return {split: len(x) for split, x, _ in _splits(loaded)}
+
+
+def soft_label_rows(
+    work: Path,
+    config: DistillConfig,
+    split: str,
+    start: int,
+    end: int,
+    on_progress: Progress | None = None,
+) -> dict[str, Any]:
+    """One task of a soft-label stage split over workers: the shards covering rows [start, end) of `split`
+    (whole shards, as `shard_plan.task_ranges` cut them), vouched for by their part file, which is returned.
+    The same shard files, byte for byte, as `soft_label` writes for those rows."""
+    w = Work(Path(work))
+    loaded, _ = load_inputs(w, config)
+    found = [(x, y) for name, x, y in _splits(loaded) if name == split]
+    if not found:
+        raise DistillError(f"this dataset has no {split!r} split to label", code="bad_shard_range")
+    try:
+        shards = shard_indices(start, end, config.shard_size)
+    except ValueError as exc:
+        raise DistillError(str(exc), code="bad_shard_range") from None
+    with _on_device(loaded) as (teacher, device):
+        return soft_label_stage(
+            teacher,
+            found[0][0],
+            w.soft_labels,
+            split=split,
+            shards=shards,
+            on_progress=functools.partial(_split_progress, on_progress, 0, 1, 1),
+            **_stage_settings(loaded, config, device),
+        )
+
+
+def _splits(loaded: Loaded) -> list[tuple[str, Any, Any]]:
+    splits = [("train", loaded.x, loaded.y)]
+    if loaded.x_val is not None and loaded.y_val is not None:
+        splits.append(("val", loaded.x_val, loaded.y_val))
+    return splits
+
+
+def _stage_settings(loaded: Loaded, config: DistillConfig, device: torch.device) -> dict[str, Any]:
+    """What every call of the soft-label stage of one job shares: a split's shards are the same files
+    whichever call (the whole stage, or one task of it) writes them."""
+    return {
+        "fmt": config.soft_label_format,
+        "k": config.topk,
+        "shard_size": config.shard_size,
+        "batch_size": SOFT_LABEL_BATCH if loaded.text is None else TEXT_SOFT_LABEL_BATCH,
+        "device": device,
+        "teacher_sha256": loaded.teacher_sha256,
+        "dataset_sha256": loaded.dataset_sha256,
+    }
+
+
+@contextlib.contextmanager
+def _on_device(loaded: Loaded) -> Iterator[tuple[Any, torch.device]]:
+    device = _device()
+    teacher = loaded.teacher.to(device)
+    try:
+        yield teacher, device
     finally:
         teacher.to("cpu")  # the next stage in this process may get the same teacher (load_inputs keeps it)
-    return manifest
 
 
 def _split_progress(

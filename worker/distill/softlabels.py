@@ -15,6 +15,11 @@ Two storage formats, one `.npz` shard per `shard_size` rows (`np.savez`, plain a
 `manifest.json` records the teacher and dataset hashes, format, k, class count and, per split, its shards
 with their sha256. A shard is only reused when the manifest vouches for it, so an interrupted stage resumes
 at shard granularity and a changed teacher, dataset or format starts over.
+
+A stage split over workers (shard_plan.py) runs this with `shards=`: each task writes its shards and a part
+file (`parts/<split>-<first>.json`: the same identity, its entries) instead of the manifest. Parts vouch
+for shards as the manifest does, so the whole stage run afterwards reuses every shard, writes the manifest a
+single run would have written, and removes the parts.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 import torch
 
 from worker.distill.errors import ConfigError, DatasetError, DistillError, MismatchError, describe_dim
+from worker.distill.shard_plan import PARTS, part_name, shard_name
 
 MANIFEST = "manifest.json"
 _TAIL_FLOOR = 80.0  # exp(-80) ~ 1e-35: no probability mass, still a finite fp32 logit
@@ -147,12 +153,14 @@ def soft_label_stage(
     teacher_sha256: str | None = None,
     dataset_sha256: str | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    shards: range | None = None,
 ) -> dict[str, Any]:
     """Write `{split}-{i:05d}.npz` shards of the teacher's logits on `x` (N, *features); update the manifest.
 
     `teacher` is a `Teacher` (its `.logits`) or any callable (B, *features) -> (B, C) on the input as given
     (preprocessing is the caller's). `y` (N,) int with -1 for unlabelled rows gives the teacher's accuracy.
-    Returns the whole manifest.
+    Returns the whole manifest. `shards`: only these shards of the split (one task of a stage split over
+    workers), vouched for by their part file, which is returned instead; the manifest is left alone.
     """
     if fmt not in ("full", "topk"):
         raise ConfigError(f"unknown soft-label format {fmt!r}; known: full, topk", field="soft_label_format")
@@ -180,49 +188,90 @@ def soft_label_stage(
         "num_classes": num_classes,
         "shard_size": shard_size,
     }
-    manifest = read_manifest(out_dir)
-    if manifest is None or any(manifest.get(key) != value for key, value in identity.items()):
-        manifest = {**identity, "splits": {}}  # different inputs: nothing on disk can be trusted
-    old = manifest["splits"].get(split, {})
-    old_entries = {e["name"]: e for e in old.get("shards", [])} if old.get("rows") == n else {}
     num_shards = max(1, math.ceil(n / shard_size))
-    shards: list[dict[str, Any]] = []
-    manifest["splits"][split] = {"rows": n, "shards": shards, "complete": False}
+    todo = range(num_shards) if shards is None else shards
+    if not todo or todo.start < 0 or todo.stop > num_shards or todo.step != 1:
+        raise DistillError(
+            f"shards {todo.start}-{todo.stop} are not shards of split {split!r} ({num_shards} shards)",
+            code="bad_shard_range",
+        )
+    vouched = _vouched(out_dir, identity, split, n)
+    entries: list[dict[str, Any]] = []
+    manifest: dict[str, Any] = {}
+    if shards is None:
+        manifest = read_manifest(out_dir) or {}
+        if any(manifest.get(key) != value for key, value in identity.items()):
+            manifest = {**identity, "splits": {}}  # different inputs: nothing on disk can be trusted
+        manifest["splits"][split] = {"rows": n, "shards": entries, "complete": False}
+        record, record_path = manifest, out_dir / MANIFEST
+    else:
+        record = {**identity, "split": split, "rows": n, "shards": entries}
+        record_path = out_dir / part_name(split, todo.start)
+        record_path.parent.mkdir(exist_ok=True)
 
-    for i in range(num_shards):
+    for done, i in enumerate(todo, 1):
         lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
-        name = f"{split}-{i:05d}.npz"
-        entry = old_entries.get(name)
+        name = shard_name(split, i)
+        entry = vouched.get(name)
         reused = entry is not None and _shard_ok(out_dir, entry, hi - lo)
         if entry is None or not reused:
             starts = range(lo, hi, batch_size)
             parts = [_same_classes(run(x_t[s : min(hi, s + batch_size)]), num_classes) for s in starts]
             entry = _write_shard(out_dir, name, _encode(torch.cat(parts), fmt, k_eff or 0), hi - lo)
-            shards.append(entry)
-            _write_json_atomic(out_dir / MANIFEST, manifest)  # the shard is vouched for once it is complete
+            entries.append(entry)
+            _write_json_atomic(record_path, record)  # the shard is vouched for once it is complete
         else:
-            shards.append(entry)
+            entries.append(entry)
         if on_progress:
             on_progress(
                 {
                     "stage": "soft_label",
-                    "progress": (i + 1) / num_shards,
+                    "progress": done / len(todo),
                     "epoch": None,
                     # `reused`: the shard was already there (a resumed stage, or another job's soft labels)
                     "metrics": {"split": split, "shard": i, "rows": hi, "reused": reused},
                 }
             )
+    if shards is not None:
+        _write_json_atomic(record_path, record)
+        return record
 
     info = manifest["splits"][split]
     info["complete"] = True
-    kept = {e["name"] for e in shards}
+    kept = {e["name"] for e in entries}
     for stale in out_dir.glob(f"{split}-*.npz"):  # left by an earlier, longer run: never mirrored or read
         if stale.name not in kept:
             stale.unlink()
     if y is not None and bool((np.asarray(y) >= 0).any()):
         info["teacher_accuracy"] = _teacher_accuracy(out_dir, split, manifest, np.asarray(y))
     _write_json_atomic(out_dir / MANIFEST, manifest)
+    _drop_parts(out_dir, split)
     return manifest
+
+
+def _vouched(out_dir: Path, identity: dict[str, Any], split: str, rows: int) -> dict[str, dict[str, Any]]:
+    """Every shard of `split` that a record on disk vouches for, by name: the manifest's, and those of the
+    parts that tasks of a split stage wrote; each record only if it was written for the same inputs and
+    settings (`identity`) and as many rows. `_shard_ok` still checks each file against its sha256."""
+    manifest = read_manifest(out_dir) or {}
+    records = [{**manifest, **manifest.get("splits", {}).get(split, {})}]
+    for path in sorted((out_dir / PARTS).glob(f"{split}-*.json")):
+        part = json.loads(path.read_text())
+        records.append(part if isinstance(part, dict) else {})
+    vouched: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record.get("rows") == rows and all(record.get(k) == v for k, v in identity.items()):
+            vouched.update((entry["name"], entry) for entry in record.get("shards", []))
+    return vouched
+
+
+def _drop_parts(out_dir: Path, split: str) -> None:
+    """The manifest vouches for the whole split now: its parts go (and their folder, once empty)."""
+    folder = out_dir / PARTS
+    for path in folder.glob(f"{split}-*.json"):
+        path.unlink()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _write_shard(out_dir: Path, name: str, arrays: dict[str, np.ndarray], rows: int) -> dict[str, Any]:

@@ -5,6 +5,10 @@ no worker processes, no per-batch host copies. That is what makes distilling fro
 hand-written loop. A checkpoint per epoch holds everything the next epoch depends on (weights, optimizer,
 schedule, every RNG, the best weights so far, the history), so a run stopped after epoch k and resumed ends
 with the same weights, bit for bit on CPU, as a run that was never stopped.
+
+The same loop runs each process of a data-parallel run (`replicas`, started by data_parallel.py): each
+trains on its share of every global batch under DistributedDataParallel, and rank 0 alone writes checkpoints
+and reports epochs. One process (the default) communicates nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from worker.distill.checkpoints import capture_rng, load_latest_checkpoint, rest
 from worker.distill.config import DistillConfig
 from worker.distill.errors import ConfigError
 from worker.distill.losses import METHODS, LossFn, hard_label_ce
+from worker.distill.replicas import SINGLE, Replicas, StopPoll
 
 STOP_CHECK_SECONDS = 5.0  # how often a running epoch asks `stop()`; the service's hook may query a database
 EVAL_BATCH = 1024
@@ -82,6 +87,7 @@ def train(
     lr: float | None = None,
     device: str | torch.device | None = None,
     stop: Callable[[], bool] | None = None,
+    replicas: Replicas = SINGLE,
 ) -> TrainResult:
     """Train `student` in place and leave it holding its best-on-validation weights.
 
@@ -91,6 +97,8 @@ def train(
     teacher_logits: the train rows' logits, if not in `train_data`. `epochs`/`lr` override the config's.
     ckpt_dir: one folder per run; a valid checkpoint there from the same settings is resumed.
     stop: polled each epoch and every few seconds; True -> raise `Stopped` (last epoch checkpoint kept).
+    replicas: this process's place in a data-parallel run (replicas.py); all of them load the checkpoint,
+      rank 0 alone writes it. `on_epoch` and `stop` belong to rank 0.
     """
     started = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -109,50 +117,55 @@ def train(
     val = _to_device(val_data, device)
 
     n, batch_size = len(y), config.batch_size
-    # A last batch of one row would break BatchNorm; it is skipped (a different row each epoch).
-    steps_per_epoch = max(1, n // batch_size + (1 if n % batch_size > 1 else 0))
-    torch.manual_seed(config.seed)  # dropout, and anything else random inside a step
+    # A last batch that leaves a process one row would break BatchNorm; it is skipped (different rows each
+    # epoch). One process: a last batch of one row.
+    steps_per_epoch = max(1, n // batch_size + (1 if n % batch_size >= 2 * replicas.world else 0))
+    # Dropout, and anything else random inside a step: a stream per process (rank 0's is one process's).
+    torch.manual_seed(config.seed + replicas.rank)
     order = torch.Generator().manual_seed(config.seed)  # the epoch permutations, on CPU for portability
     student.to(device)
     optimizer = _optimizer(student, config, lr)
     scheduler = _scheduler(optimizer, config.schedule, lr, epochs * steps_per_epoch)
     state = _State(student, optimizer, scheduler, order)  # what a checkpoint saves and restores
     params = dict(config.method_params) if distill_loss is not None else {}
-    run = _run_identity(method, rows, params, epochs, lr, config)
+    run = _run_identity(method, rows, params, epochs, lr, config, replicas.world)
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "metric": None, "state": None}
     start_epoch, resumed_from = 0, None
     checkpoint = load_latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
     if checkpoint is not None and checkpoint.get("run") == run:
-        state.restore(checkpoint)
+        state.restore(checkpoint, replicas.rank)
         history, best = checkpoint["history"], checkpoint["best"]
         start_epoch = resumed_from = checkpoint["epoch"]
     # A checkpoint from other settings belongs to another run: start over (and overwrite it as we go).
+    model = replicas.wrap(student, device)  # after the restore: rank 0's weights are broadcast
 
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
     metric_name = _metric_name(val)
+    polls = StopPoll(stop, replicas, STOP_CHECK_SECONDS)
     for epoch in range(start_epoch + 1, epochs + 1):
-        epoch_started = last_stop_check = time.perf_counter()
+        epoch_started = time.perf_counter()
         student.train()
         perm = torch.randperm(n, generator=order)
         perm = perm.to(device) if on_device else perm
         # Running sums and predictions stay on the device, a few ops per step: a .item() per step would
         # stall a GPU, and on CPU each extra small op costs as much as a sizeable share of the loss.
         seen = min(n, steps_per_epoch * batch_size)
-        predicted = torch.empty(seen, dtype=torch.long, device=device)
+        predicted = torch.full((seen,), -2, dtype=torch.long, device=device)  # -2: another process's row
         part_names: list[str] = []
         sums = torch.zeros(0)
         for step in range(steps_per_epoch):
-            index = perm[step * batch_size : (step + 1) * batch_size]
+            batch = perm[step * batch_size : (step + 1) * batch_size]
+            index, share = replicas.shard(batch)  # this process's rows; all of them alone (share 1.0)
             xb, yb, tb = x[index], y[index], (None if targets is None else targets[index])
             if not on_device:
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 tb = None if tb is None else tb.to(device, non_blocking=True)
             with autocast:
-                logits = student(xb)
+                logits = model(xb)
             if distill_loss is not None:
                 loss, parts = distill_loss(
                     logits, tb, yb, temperature=rows.temperature, alpha=rows.alpha, **params
@@ -161,7 +174,7 @@ def train(
                 loss = hard_label_ce(logits, yb)
                 parts = {"ce": loss.detach()}
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if share == 1.0 else loss * share).backward()
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
             optimizer.step()
@@ -170,18 +183,20 @@ def train(
             values = torch.stack([loss.detach(), *parts.values()])
             if not part_names:
                 part_names, sums = ["loss", *parts], torch.zeros_like(values)
-            sums += values
-            predicted[step * batch_size : step * batch_size + len(index)] = logits.detach().argmax(-1)
-            if stop is not None and time.perf_counter() - last_stop_check > STOP_CHECK_SECONDS:
-                last_stop_check = time.perf_counter()
-                if stop():
-                    raise Stopped(epoch - 1)  # this epoch is lost; the last checkpoint is exact
+            sums += values if share == 1.0 else values * share
+            mine = slice(step * batch_size + replicas.rank, step * batch_size + len(batch), replicas.world)
+            predicted[mine] = logits.detach().argmax(-1)
+            if polls.after_step():
+                raise Stopped(epoch - 1)  # this epoch is lost; the last checkpoint is exact
 
         record: dict[str, Any] = {"epoch": epoch}
-        record.update(zip(part_names, (sums / steps_per_epoch).tolist(), strict=True))
-        record["train_acc"] = _accuracy(predicted, y[perm[:seen]].to(device))
+        means = replicas.total(sums) / (steps_per_epoch * replicas.world)  # of the global batches' losses
+        record.update(zip(part_names, means.tolist(), strict=True))
+        record["train_acc"] = _accuracy(predicted, y[perm[:seen]].to(device), replicas)
         record.update(
-            evaluate(student, val, autocast) if val is not None else {"val_acc": None, "agreement": None}
+            evaluate(student, val, autocast, replicas)
+            if val is not None
+            else {"val_acc": None, "agreement": None}
         )
         record["lr"] = optimizer.param_groups[0]["lr"]
         record["seconds"] = time.perf_counter() - epoch_started
@@ -192,10 +207,13 @@ def train(
         if metric_name == "last" or best["metric"] is None or metric > best["metric"]:
             best = {"epoch": epoch, "metric": metric, "state": _cpu_copy(student.state_dict())}
         if ckpt_dir is not None:
-            save_checkpoint(ckpt_dir, epoch, state.checkpoint(epoch, run, best, history, config))
+            random_states = replicas.gather(capture_rng(order))  # every process's, on rank 0
+            if replicas.writes:
+                snapshot = state.checkpoint(epoch, run, best, history, config, random_states)
+                save_checkpoint(ckpt_dir, epoch, snapshot)
         if on_epoch is not None:
             on_epoch(dict(record))
-        if stop is not None and epoch < epochs and stop():
+        if epoch < epochs and polls.now():
             raise Stopped(epoch)
 
     if best["state"] is not None:
@@ -254,25 +272,32 @@ class _State:
         best: dict[str, Any],
         history: list[dict[str, Any]],
         config: DistillConfig,
+        random_states: list[dict[str, Any]],
     ) -> dict[str, Any]:
-        return {
+        """random_states: capture_rng of each process, rank 0 first (one entry for a run of one process)."""
+        checkpoint = {
             "format": 1,
             "epoch": epoch,
             "run": run,
             "model": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": capture_rng(self.order),
+            "rng": random_states[0],
             "best": best,
             "history": history,
             "config": config.to_dict(),
         }
+        if len(random_states) > 1:  # data-parallel: ranks 1..N-1 resume their own dropout streams
+            checkpoint["replica_rng"] = random_states[1:]
+        return checkpoint
 
-    def restore(self, checkpoint: dict[str, Any]) -> None:
+    def restore(self, checkpoint: dict[str, Any], rank: int = 0) -> None:
+        """Every process loads the same weights and optimizer state (replicas stay identical), and its own
+        random state."""
         self.student.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        restore_rng(checkpoint["rng"], self.order)
+        restore_rng(checkpoint["rng"] if rank == 0 else checkpoint["replica_rng"][rank - 1], self.order)
 
 
 def _metric_name(val: TensorData | None) -> str:
@@ -282,29 +307,38 @@ def _metric_name(val: TensorData | None) -> str:
     return "agreement" if val is not None and val.teacher_logits is not None else "last"
 
 
-def _accuracy(predicted: Tensor, labels: Tensor) -> float | None:
-    """Training accuracy of one epoch's predictions over its labelled rows (label -1: unlabelled)."""
+def _accuracy(predicted: Tensor, labels: Tensor, replicas: Replicas = SINGLE) -> float | None:
+    """Training accuracy of one epoch's predictions over its labelled rows (label -1: unlabelled). Each
+    process predicted its own rows (-2 elsewhere, never a label); `labels` are all of them."""
     n_labelled = int((labels >= 0).sum())
-    return int((predicted == labels).sum()) / n_labelled if n_labelled else None
+    return int(replicas.total((predicted == labels).sum())) / n_labelled if n_labelled else None
 
 
 @torch.inference_mode()
-def evaluate(student: nn.Module, data: TensorData, autocast: Any = None) -> dict[str, float | None]:
-    """Accuracy on the labelled rows and top-1 agreement with the teacher (None where not measurable)."""
+def evaluate(
+    student: nn.Module, data: TensorData, autocast: Any = None, replicas: Replicas = SINGLE
+) -> dict[str, float | None]:
+    """Accuracy on the labelled rows and top-1 agreement with the teacher (None where not measurable).
+    Across processes each evaluates every N-th row and the counts are summed."""
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
+    mine = slice(replicas.rank, None, replicas.world)
+    x, labels = data.x[mine], data.y[mine]
+    teacher = None if data.teacher_logits is None else data.teacher_logits[mine]
     correct = agree = n_labelled = 0
-    for start in range(0, len(data), EVAL_BATCH):
+    for start in range(0, len(labels), EVAL_BATCH):
         rows = slice(start, start + EVAL_BATCH)
         with autocast or contextlib.nullcontext():
-            predicted = student(data.x[rows].to(device)).argmax(-1).cpu()
-        y = data.y[rows].cpu()
+            predicted = student(x[rows].to(device)).argmax(-1).cpu()
+        y = labels[rows].cpu()
         correct += int(((predicted == y) & (y >= 0)).sum())
         n_labelled += int((y >= 0).sum())
-        if data.teacher_logits is not None:
-            agree += int((predicted == data.teacher_logits[rows].argmax(-1).cpu()).sum())
+        if teacher is not None:
+            agree += int((predicted == teacher[rows].argmax(-1).cpu()).sum())
     student.train(was_training)
+    if replicas.parallel:
+        correct, agree, n_labelled = replicas.total(torch.tensor([correct, agree, n_labelled])).tolist()
     return {
         "val_acc": correct / n_labelled if n_labelled else None,
         "agreement": agree / len(data) if data.teacher_logits is not None and len(data) else None,
@@ -316,10 +350,16 @@ _TRAJECTORY_FIELDS = ("batch_size", "optimizer", "schedule", "weight_decay", "gr
 
 
 def _run_identity(
-    method: str, rows: _Rows, params: dict[str, float], epochs: int, lr: float, config: DistillConfig
+    method: str,
+    rows: _Rows,
+    params: dict[str, float],
+    epochs: int,
+    lr: float,
+    config: DistillConfig,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """All that decides a run's trajectory: a checkpoint only resumes a run that agrees on all of it."""
-    return {
+    run = {
         "method": method,
         "temperature": rows.temperature,
         "alpha": rows.alpha,
@@ -329,6 +369,11 @@ def _run_identity(
         "rows": len(rows.y),
         **{k: getattr(config, k) for k in _TRAJECTORY_FIELDS},
     }
+    # Data-parallel runs differ from one process in BatchNorm statistics, dropout streams and the last batch
+    # (replicas.py), and keep a random state per process: theirs resume only on as many processes.
+    if processes > 1:
+        run["processes"] = processes
+    return run
 
 
 def _resolved(config: DistillConfig) -> tuple[float, float]:

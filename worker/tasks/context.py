@@ -62,7 +62,7 @@ def get_context() -> WorkerContext:
 
 
 def sandbox_from(settings: Settings) -> Sandbox:
-    return Sandbox(mode=settings.sandbox, bwrap=settings.bwrap_path)
+    return Sandbox(mode=settings.sandbox, bwrap=settings.bwrap_path, procs=settings.worker_procs)
 
 
 def set_context(context: WorkerContext | None) -> None:

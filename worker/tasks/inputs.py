@@ -2,11 +2,13 @@
 
 The download happens in the task (which holds the storage credentials); the child only reads the folder.
 A copy already there with the recorded sha256 is kept, so a retry or the next stage on the same machine
-does not fetch it again.
+does not fetch it again. Shard tasks of one job may run side by side on one machine (threads of a worker, or
+workers sharing a data folder) in the job's one work folder: its downloads take turns.
 """
 
 from __future__ import annotations
 
+import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,13 @@ def describe(storage: Storage, job_inputs: JobInputs) -> list[InputFile]:
 
 
 def download(files: list[InputFile], work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".inputs.lock", "w") as lock:  # released when closed, also by a killed process
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _download(files, work)
+
+
+def _download(files: list[InputFile], work: Path) -> None:
     for item in files:
         folder = work / "inputs" / item.slot
         folder.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,10 @@
 ends the attempt in exactly one way, through `app.jobs.lifecycle`.
 
 `distill.soft_label`: preflight + soft labels; on success it hands the job on and enqueues `distill.distill`
-after its commit. `distill.distill`: training, evaluation, export, artifact upload, success.
+after its commit. `distill.distill`: training, evaluation, export, artifact upload, success. A dataset past
+`soft_label_task_rows` rows is split instead: `distill.soft_label` plans shard tasks and hands the job back,
+the shard tasks (`worker.tasks.shards`) label it side by side, and the worker finishing the last one ends
+the stage here (`assemble_soft_labels`), as a single task would have.
 
 A task acts only after `lifecycle.claim` (a compare-and-set on the row) succeeds, so a second delivery of the
 same message is a no-op; a task whose previous holder was lost takes the stage over (its lease expired) and
@@ -27,18 +30,19 @@ from sqlalchemy.orm import Session
 from app.db import on_commit, session_scope
 from app.jobs import lifecycle
 from app.jobs.state import RUNNING
-from app.queue import STAGE_TASKS, TASK_DISTILL, TASK_SOFT_LABEL
+from app.queue import SOFT_LABEL_QUEUE, STAGE_TASKS, TASK_DISTILL, TASK_SOFT_LABEL, TASK_SOFT_LABEL_SHARD
 from app.storage import keys
 from app.storage.exceptions import ObjectNotFound, StorageUnavailable
 from worker.distill.errors import DistillError
 from worker.distill.lm_summary import lm_headline
+from worker.distill.shard_plan import SPLITS, task_ranges
 from worker.distill.summary import headline
 from worker.sandbox import SandboxUnavailable
 from worker.supervisor import StageCrashed, StageError, StageStopped, Step, run_steps
 from worker.tasks import inputs, partial, steps
 from worker.tasks.context import WorkerContext, get_context
 from worker.tasks.watch import StageWatch, shutting_down
-from worker.tasks.workspace import WorkMirror, clear
+from worker.tasks.workspace import WorkMirror, clear, shard_index
 
 MAX_REPORT_BYTES = 4 << 20
 GENERATED = "generated.jsonl"  # worker.distill.lm_generate.GENERATED (the core is not imported here)
@@ -102,10 +106,35 @@ def register(celery: Celery) -> None:
 
 def run_soft_label(ctx: WorkerContext, job_id: str) -> None:
     claim = claim_job(ctx, job_id, ("queued", "soft_labeling"), resumable=("soft_labeling",))
-    if claim is not None:
-        donor = _soft_label_donor(ctx, claim)
-        stage_steps = steps.stage_steps("soft_label", claim.config)
-        run_claimed(ctx, claim, "soft_label", stage_steps, _hand_to_distill, reuse_soft_labels_of=donor)
+    if claim is None:
+        return
+    shards = _shard_count(ctx, claim)
+    if shards:  # split earlier, and every shard is done (the claim is refused while one is not)
+        assemble_soft_labels(ctx, claim, shards)
+        return
+    donor = _soft_label_donor(ctx, claim)
+    stage_steps = steps.stage_steps("soft_label", claim.config)
+    # Another job's soft labels cost no teacher run, and only classification stages are split.
+    task_rows = ctx.settings.soft_label_task_rows
+    splits = task_rows and donor is None and claim.config.get("task", "classification") == "classification"
+    step_config = {**claim.config, steps.SHARD_TASK_ROWS: task_rows} if splits else None
+    run_claimed(
+        ctx,
+        claim,
+        "soft_label",
+        stage_steps,
+        _hand_on_or_split,
+        reuse_soft_labels_of=donor,
+        step_config=step_config,
+    )
+
+
+def assemble_soft_labels(ctx: WorkerContext, claim: Claim, shards: int) -> None:
+    """The end of a split stage, under the job's lease: every shard task's outputs pulled from the store,
+    the whole stage run over them (it finds each shard vouched for by a part: no teacher runs), which writes
+    the manifest; then the job is handed on as after a single task."""
+    indexes = [shard_index(number) for number in range(shards)]
+    run_claimed(ctx, claim, "soft_label", steps.ASSEMBLE_STEPS, _hand_on_or_split, adopt=indexes)
 
 
 def run_distill(ctx: WorkerContext, job_id: str) -> None:
@@ -128,19 +157,22 @@ def claim_job(
             resumable=resumable,
             lease_s=ctx.settings.worker_lease_s,
         )
-        if job is None:
-            return None
-        files = inputs.describe(ctx.storage, lifecycle.job_inputs(session, job))
-        return Claim(
-            job.id,
-            job.tenant_id,
-            job.status,
-            dict(job.config),
-            job.attempts,
-            job.max_attempts,
-            job.max_runtime_s,
-            files,
-        )
+        return None if job is None else claim_of(ctx, session, job)
+
+
+def claim_of(ctx: WorkerContext, session: Session, job: Any) -> Claim:
+    """What a task needs of a job it holds, read in the transaction that won it."""
+    files = inputs.describe(ctx.storage, lifecycle.job_inputs(session, job))
+    return Claim(
+        job.id,
+        job.tenant_id,
+        job.status,
+        dict(job.config),
+        job.attempts,
+        job.max_attempts,
+        job.max_runtime_s,
+        files,
+    )
 
 
 def run_claimed(
@@ -148,26 +180,34 @@ def run_claimed(
     claim: Claim,
     stage: str,
     stage_steps: Sequence[tuple[str, Step]],
-    on_success: Callable[[WorkerContext, Claim], None],
+    on_success: Callable[[WorkerContext, Claim, dict[str, Any]], None],
     *,
     reuse_soft_labels_of: str | None = None,
+    step_config: dict[str, Any] | None = None,
+    adopt: Sequence[str] = (),
 ) -> None:
-    """Fetch the inputs, run the steps in the sandboxed child, publish: or end the attempt as `ending_of`
-    says, which is the whole table of what can go wrong. `reuse_soft_labels_of`: a job whose stored soft
-    labels are this one's (`lifecycle.soft_label_donor`); they are fetched first, and the stage finds its
-    shards done instead of running the teacher again."""
+    """Fetch the inputs, run the steps in the sandboxed child, publish (`on_success` gets the steps'
+    results): or end the attempt as `ending_of` says, which is the whole table of what can go wrong.
+    `reuse_soft_labels_of`: a job whose stored soft labels are this one's (`lifecycle.soft_label_donor`);
+    they are fetched first, and the stage finds its shards done instead of running the teacher again.
+    `step_config`: what the steps get instead of the job's config. `adopt`: mirror indexes of the job's
+    shard tasks, taken into its own before the pull."""
     work = ctx.work_dir(claim.job_id)
     mirror = WorkMirror(ctx.storage, claim.tenant_id, claim.job_id, work)
     watch = StageWatch(ctx, claim.job_id, claim.status, mirror)
     try:
-        inputs.download(claim.files, work)
-        if reuse_soft_labels_of is not None:
-            _reuse_soft_labels(ctx, claim, reuse_soft_labels_of, work)
-        mirror.pull()
-        run_steps(
+        # Fetching a large dataset, or every shard of a split stage, may take longer than a lease.
+        with watch.heartbeat():
+            inputs.download(claim.files, work)
+            if reuse_soft_labels_of is not None:
+                _reuse_soft_labels(ctx, claim, reuse_soft_labels_of, work)
+            if adopt:
+                mirror.adopt(adopt)
+            mirror.pull()
+        results = run_steps(
             stage_steps,
             work,
-            claim.config,
+            claim.config if step_config is None else step_config,
             sandbox=ctx.sandbox,
             on_message=watch.on_message,
             should_stop=watch.should_stop,
@@ -176,7 +216,7 @@ def run_claimed(
         with watch.heartbeat():
             watch.drain()
             mirror.push()
-            on_success(ctx, claim)
+            on_success(ctx, claim, results)
     except Exception as exc:  # noqa: BLE001 - every failure becomes exactly one ending below
         ending = ending_of(exc, claim)
         log_ending(claim, stage, ending, exc)
@@ -266,6 +306,36 @@ def _reuse_soft_labels(ctx: WorkerContext, claim: Claim, donor: str, work: Path)
             lifecycle.record_event(session, claim.job_id, "soft_labels_reused", data)
 
 
+def _shard_count(ctx: WorkerContext, claim: Claim) -> int:
+    with session_scope(ctx.db) as session:
+        return len(lifecycle.soft_label_shards(session, claim.job_id))
+
+
+def _hand_on_or_split(ctx: WorkerContext, claim: Claim, results: dict[str, Any]) -> None:
+    """The soft-label steps labelled the dataset: hand the job on. Or they found it past
+    `soft_label_task_rows` rows and labelled nothing: split the stage into shard tasks."""
+    answer = results.get("soft_label")
+    rows = answer.get(steps.SPLIT_ROWS) if isinstance(answer, dict) else None
+    if not isinstance(rows, dict):
+        _hand_to_distill(ctx, claim)
+        return
+    # The child's answer is data: only whole numbers of rows of the known splits are planned from.
+    counts = {split: rows[split] for split in SPLITS if type(rows.get(split)) is int}
+    ranges = task_ranges(counts, int(claim.config["shard_size"]), ctx.settings.soft_label_task_rows)
+    if not ranges:
+        raise StageError("stage_error", f"the soft-label stage answered no rows to label: {rows!r:.200}")
+
+    def send() -> None:
+        for number in range(len(ranges)):
+            enqueue_shard(ctx, claim.job_id, number)
+
+    with session_scope(ctx.db) as session:
+        if lifecycle.plan_shards(session, claim.job_id, ctx.worker_id, ranges):
+            on_commit(session, send)
+        else:
+            _clear_if_over(session, ctx, claim)
+
+
 def _hand_to_distill(ctx: WorkerContext, claim: Claim) -> None:
     manifest = ctx.work_dir(claim.job_id) / "soft_labels" / "manifest.json"
     uploaded = [_upload(ctx, claim, "soft_labels_manifest.json", manifest)] if manifest.is_file() else []
@@ -283,7 +353,7 @@ def _hand_to_distill(ctx: WorkerContext, claim: Claim) -> None:
             _clear_if_over(session, ctx, claim)
 
 
-def _publish_and_succeed(ctx: WorkerContext, claim: Claim) -> None:
+def _publish_and_succeed(ctx: WorkerContext, claim: Claim, results: dict[str, Any]) -> None:
     out = ctx.work_dir(claim.job_id) / "out"
     # Uploads first, then one short transaction: no row lock is held while bytes move.
     uploaded = [
@@ -351,3 +421,9 @@ def _retry(ctx: WorkerContext, claim: Claim, stage: str, code: str | None, messa
 def _enqueue(ctx: WorkerContext, stage: str, job_id: str, countdown: float = 0) -> None:
     task, queue = STAGE_TASKS[stage]
     ctx.celery.send_task(task, args=[job_id], queue=queue, countdown=countdown or None)
+
+
+def enqueue_shard(ctx: WorkerContext, job_id: str, number: int, countdown: float = 0) -> None:
+    ctx.celery.send_task(
+        TASK_SOFT_LABEL_SHARD, args=[job_id, number], queue=SOFT_LABEL_QUEUE, countdown=countdown or None
+    )

@@ -14,10 +14,18 @@ from typing import Any
 OnProgress = Callable[[dict[str, Any]], None]
 
 
+# What the task adds to a job's config for the steps of a soft-label stage that may be split over workers
+# (never part of the job's settings): the rows past which it is split, and one task's rows.
+SHARD_TASK_ROWS = "_shard_task_rows"
+SHARD_ROWS = "_shard_rows"  # {"split": str, "start": int, "end": int}
+SPLIT_ROWS = "split_rows"  # the soft_label step's answer when the stage is to be split: rows per split
+
+
 def _config(config: dict[str, Any]) -> Any:
     from worker.distill.config import DistillConfig
 
-    return DistillConfig.from_dict(config)
+    settings = {k: v for k, v in config.items() if k not in (SHARD_TASK_ROWS, SHARD_ROWS)}
+    return DistillConfig.from_dict(settings)
 
 
 def preflight_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
@@ -27,22 +35,52 @@ def preflight_step(work: Path, config: dict[str, Any], on_progress: OnProgress) 
 
 
 def soft_label_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
+    """The whole stage; or, past `SHARD_TASK_ROWS` rows, no labels but `{SPLIT_ROWS: rows per split}`, for
+    the task to split the stage over workers (`worker.tasks.shards`)."""
+    from worker.distill import pipeline
+    from worker.distill.shard_plan import needs_tasks
+
+    distill_config = _config(config)
+    task_rows = int(config.get(SHARD_TASK_ROWS) or 0)
+    if task_rows:
+        rows = pipeline.split_rows(work, distill_config)
+        if needs_tasks(rows, task_rows):
+            return {SPLIT_ROWS: rows}
+    return pipeline.soft_label(work, distill_config, on_progress)
+
+
+def assemble_soft_labels_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
+    """The end of a split stage: every shard is vouched for by a part, so the whole stage runs no teacher
+    and writes the manifest. No progress: the job's shows its shards, all done."""
     from worker.distill import pipeline
 
-    return pipeline.soft_label(work, _config(config), on_progress)
+    return pipeline.soft_label(work, _config(config))
+
+
+def soft_label_rows_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
+    """One shard task of a split stage: the shards of the rows `config[SHARD_ROWS]` names, and their part."""
+    from worker.distill import pipeline
+
+    rows = config[SHARD_ROWS]
+    start, end = int(rows["start"]), int(rows["end"])
+    return pipeline.soft_label_rows(work, _config(config), str(rows["split"]), start, end, on_progress)
 
 
 def distill_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
     from worker.distill import pipeline
     from worker.distill.train import Stopped
+    from worker.stage_child import granted_procs
 
     # The parent stops a child with SIGTERM (cancel, timeout, shutdown). While training, that becomes the
     # train loop's `stop`: the run ends at its next check with the last epoch checkpointed, instead of dying
     # at a random instruction. The parent still SIGKILLs after its grace; checkpoints are written atomically.
+    # Data-parallel (the worker's --procs): this process is rank 0, which polls `stop` for every rank.
     requested: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.append(signum))
     try:
-        return pipeline.distill(work, _config(config), on_progress, stop=lambda: bool(requested))
+        return pipeline.distill(
+            work, _config(config), on_progress, stop=lambda: bool(requested), procs=granted_procs()
+        )
     except Stopped:
         raise SystemExit(0) from None  # no result and no "done": the parent already knows why it stopped
     finally:
@@ -148,6 +186,8 @@ def lm_export_step(work: Path, config: dict[str, Any], on_progress: OnProgress) 
 
 PARTIAL_STUDENT = "partial_student.pt"
 SOFT_LABEL_STEPS = [("preflight", preflight_step), ("soft_label", soft_label_step)]
+SOFT_LABEL_ROWS_STEPS = [("soft_label_rows", soft_label_rows_step)]
+ASSEMBLE_STEPS = [("soft_label", assemble_soft_labels_step)]
 DISTILL_STEPS = [("distill", distill_step), ("evaluate", evaluate_step), ("export", export_step)]
 LM_SOFT_LABEL_STEPS = [("preflight", lm_preflight_step), ("soft_label", lm_soft_label_step)]
 # A prompt-only dataset (`generate` set): the teacher writes the completions between the two.

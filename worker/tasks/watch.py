@@ -8,6 +8,9 @@ The database being away (a restart, a failover, a network cut) does not stop the
 order (epoch records, stage changes, the latest progress) and go out once it answers; until then the stage
 computes on. When it is back, the first lease renewal says whether this worker still owns the job (the
 reaper may have handed it on if the outage outlasted the lease), and the stage stops if not.
+
+A shard task of a split soft-label stage is watched the same way, with the shard's lease and progress in
+place of the job's; cancel and `max_runtime_s` are read from the job row, so they reach every shard.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ PROGRESS_INTERVAL_S = 1.0
 STEP_STATUS = {
     "preflight": "soft_labeling",
     "soft_label": "soft_labeling",
+    "soft_label_rows": "soft_labeling",
     "distill": "distilling",
     "evaluate": "evaluating",
     "export": "exporting",
@@ -48,10 +52,19 @@ _AWAY = object()  # what `_db` returns while the database is unreachable
 
 
 class StageWatch:
+    """`shard`: the number of the shard task this stage is (its lease is renewed and its progress recorded
+    instead of the job's)."""
+
     def __init__(
-        self, ctx: WorkerContext, job_id: str, status: str, mirror: WorkMirror | None = None
+        self,
+        ctx: WorkerContext,
+        job_id: str,
+        status: str,
+        mirror: WorkMirror | None = None,
+        *,
+        shard: int | None = None,
     ) -> None:
-        self.ctx, self.job_id, self.status, self.mirror = ctx, job_id, status, mirror
+        self.ctx, self.job_id, self.status, self.mirror, self.shard = ctx, job_id, status, mirror, shard
         self.lost: str | None = None  # why this worker no longer owns the job
         # Unwritten, in order: ("enter", status) and ("progress", event, starts_epoch); a progress event
         # replaces the one before it unless that one starts an epoch (its record is kept).
@@ -116,9 +129,7 @@ class StageWatch:
             while not done.wait(every):
                 try:
                     with session_scope(self.ctx.db) as session:
-                        if not lifecycle.renew_lease(
-                            session, self.job_id, self.ctx.worker_id, lease_s=self.ctx.settings.worker_lease_s
-                        ):
+                        if not self._renew(session):
                             return
                 except Exception as exc:  # the database away too: the lease may lapse, the reaper decides
                     log.warning("job %s: renewing the lease failed: %s", self.job_id, exc)
@@ -205,6 +216,7 @@ class StageWatch:
     def _step_event(self, data: dict[str, Any]) -> bool:
         if self.lost:
             return True
+        data = data if self.shard is None else {**data, "shard": self.shard}
         return (
             self._db(lambda session: lifecycle.add_event(session, self.job_id, "step_started", data))
             is not _AWAY
@@ -214,9 +226,7 @@ class StageWatch:
         metrics = event.get("metrics") or {}
         metrics = {"stage": event.get("stage"), **metrics} if event.get("stage") else metrics
         progress, epoch = float(event.get("progress") or 0.0), event.get("epoch")
-        running = self._db(
-            lambda session: lifecycle.record_progress(session, self.job_id, progress, epoch, metrics)
-        )
+        running = self._db(lambda session: self._report(session, progress, epoch, metrics))
         if running is _AWAY:
             return False
         self._last_write = time.monotonic()
@@ -251,12 +261,21 @@ class StageWatch:
         job = lifecycle.get_job_for_worker(session, self.job_id)
         renewed = None
         if job is not None and job.status == self.status and time.monotonic() >= self._next_renew:
-            renewed = lifecycle.renew_lease(
-                session, self.job_id, self.ctx.worker_id, lease_s=self.ctx.settings.worker_lease_s
-            )
+            renewed = self._renew(session)
             if renewed:
                 self._next_renew = time.monotonic() + self.ctx.settings.worker_lease_s / 4
         return job, renewed
+
+    def _renew(self, session: Session) -> bool:
+        lease_s, worker_id = self.ctx.settings.worker_lease_s, self.ctx.worker_id
+        if self.shard is None:
+            return lifecycle.renew_lease(session, self.job_id, worker_id, lease_s=lease_s)
+        return lifecycle.renew_shard_lease(session, self.job_id, self.shard, worker_id, lease_s=lease_s)
+
+    def _report(self, session: Session, progress: float, epoch: int | None, metrics: dict[str, Any]) -> bool:
+        if self.shard is None:
+            return lifecycle.record_progress(session, self.job_id, progress, epoch, metrics)
+        return lifecycle.record_shard_progress(session, self.job_id, self.shard, self.ctx.worker_id, progress)
 
 
 def past_deadline(max_runtime_s: int | None, started_at: datetime | None) -> bool:

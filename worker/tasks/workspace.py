@@ -5,6 +5,11 @@ from the job's files, and mirrors the resumable parts (`soft_labels/`, `checkpoi
 so the next stage, or the next attempt on another machine, starts from what is already done. An index object
 (`sync-index.json`, relpath -> size and sha256) is written after the objects it names, so it never vouches
 for an object that is not fully there; a download is checked against it before it replaces anything.
+
+The shard tasks of a split soft-label stage run on several machines at once, so each mirrors only its own
+files, under an index of its own (`shards/<number>-index.json`): they never write the same object. The
+worker that finishes the stage adopts their indexes into the job's (the objects are already at the keys it
+names), pulls, and pushes the manifest.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +49,29 @@ def fetch(storage: Storage, key: str, dest: Path, *, sha256: str | None = None) 
     os.replace(tmp, dest)
 
 
-class WorkMirror:
-    """Pushes and pulls `soft_labels/` and `checkpoints/` between `work` and the job's storage prefix."""
+def shard_index(number: int) -> str:
+    """The index of the files one shard task of a split soft-label stage mirrors."""
+    return f"shards/{number:05d}-index.json"
 
-    def __init__(self, storage: Storage, tenant_id: str, job_id: str, work: Path) -> None:
+
+class WorkMirror:
+    """Pushes and pulls `soft_labels/` and `checkpoints/` between `work` and the job's storage prefix.
+
+    `index` and `files`: a mirror of these files only (relpaths), under an index of their own (a shard's).
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        tenant_id: str,
+        job_id: str,
+        work: Path,
+        *,
+        index: str = INDEX,
+        files: Collection[str] | None = None,
+    ) -> None:
         self.storage, self.tenant_id, self.job_id, self.work = storage, tenant_id, job_id, work
+        self.index, self.files = index, None if files is None else frozenset(files)
         self._known: dict[
             str, tuple[int, int, str]
         ] = {}  # relpath -> (mtime_ns, size, sha256): skip rehashing
@@ -56,12 +79,18 @@ class WorkMirror:
     def _key(self, relpath: str) -> str:
         return keys.job_work_key(self.tenant_id, self.job_id, relpath)
 
-    def read_index(self) -> dict[str, dict[str, Any]]:
+    def read_index(self, name: str | None = None) -> dict[str, dict[str, Any]]:
         try:
-            raw = b"".join(self.storage.open_read(self._key(INDEX)))
+            raw = b"".join(self.storage.open_read(self._key(name or self.index)))
         except ObjectNotFound:
             return {}
-        return json.loads(raw).get("files", {})
+        files: dict[str, dict[str, Any]] = json.loads(raw).get("files", {})
+        return files
+
+    def _write_index(self, files: dict[str, dict[str, Any]]) -> None:
+        self.storage.put_stream(
+            self._key(self.index), [json.dumps({"files": files}, sort_keys=True).encode()]
+        )
 
     def local_files(self) -> Iterable[str]:
         for folder in MIRRORED:
@@ -75,7 +104,24 @@ class WorkMirror:
                     and not path.name.startswith(".")
                     and not path.name.endswith((".tmp", ".part"))
                 ):
-                    yield path.relative_to(self.work).as_posix()
+                    relpath = path.relative_to(self.work).as_posix()
+                    if self.files is None or relpath in self.files:
+                        yield relpath
+
+    def adopt(self, indexes: Iterable[str]) -> int:
+        """Take what other mirrors of this job pushed under `indexes` into this one's index, then drop those
+        indexes: their objects are already at the keys this index names, so nothing is copied. The number
+        of files adopted."""
+        names = list(indexes)
+        merged, adopted = self.read_index(), 0
+        for name in names:
+            files = self.read_index(name)
+            merged.update(files)
+            adopted += len(files)
+        self._write_index(merged)
+        for name in names:
+            self.storage.delete(self._key(name))
+        return adopted
 
     def _digest(self, relpath: str) -> tuple[int, str]:
         stat = (self.work / relpath).stat()
@@ -106,8 +152,7 @@ class WorkMirror:
                 uploaded += 1
             current[relpath] = {"size": size, "sha256": sha}
         if uploaded or set(current) != set(index):
-            body = json.dumps({"files": current}, sort_keys=True).encode()
-            self.storage.put_stream(self._key(INDEX), [body])
+            self._write_index(current)
             for gone in set(index) - set(current):
                 self.storage.delete(self._key(gone))
         return uploaded
@@ -123,6 +168,7 @@ class WorkMirror:
                 not dest.resolve().is_relative_to(self.work.resolve())
                 or relpath.split("/")[0] not in MIRRORED
                 or relpath.split("/")[0] not in folders
+                or (self.files is not None and relpath not in self.files)
             ):
                 continue  # the index is ours, but a path outside the mirrored folders is never written
             if dest.is_file() and self._digest(relpath)[1] == meta["sha256"]:
