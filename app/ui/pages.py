@@ -86,6 +86,7 @@ def job_page(job_id: str) -> str:
     body = f"""<h1><span id="job-id">{escape(job_id)}</span> <span id="status" class="badge"></span></h1>
 <p id="error" class="error" role="alert"></p>
 <div class="progress"><div id="progress-bar"></div></div><p id="progress-text" class="hint"></p>
+<p id="shards" class="hint" hidden></p>
 <button id="cancel" hidden>Cancel job</button>
 <section><h2>Stages</h2><ol id="timeline">{steps}</ol></section>
 <section class="charts"><figure><figcaption>Training loss per epoch</figcaption>

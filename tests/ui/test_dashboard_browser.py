@@ -339,3 +339,22 @@ def test_the_form_follows_the_task_and_posts_its_text_settings(browser: Any, tmp
     assert text["task"] == "classification" and {k: text["config"][k] for k in shown} == {
         "student": "bow:embed=8", "method": "auto", "epochs": 10, "text_column": "review", "max_length": 128,
     }  # fmt: skip
+
+
+def test_a_split_soft_label_stage_shows_its_shards_and_who_holds_them(browser: Any, tmp_path: Path) -> None:
+    with local_app(tmp_path) as local:
+        key = local.key("acme")
+        job = local.submit(key)["id"]
+        local.step(lifecycle.claim_stage, job, "queued", "soft_labeling", "worker-a")
+        ranges = [("train", 0, 100), ("train", 100, 200), ("val", 0, 50)]
+        assert local.step(lifecycle.plan_shards, job, "worker-a", ranges)
+        local.step(lifecycle.claim_shard, job, 0, "worker-a")
+        local.step(lifecycle.finish_shard, job, 0, "worker-a")
+        local.step(lifecycle.claim_shard, job, 1, "worker-b")
+        with serving_in_thread(local) as url:
+            log_in(browser, url, key)
+            browser.get(f"{url}/ui/jobs/{job}")
+            line = WebDriverWait(browser, 30).until(
+                lambda d: d.find_element(By.ID, "shards").text or None
+            )
+            assert line == "shards: 1 of 3 done, 1 running, 1 waiting (#1 on worker-b)"

@@ -78,6 +78,17 @@
     return found;
   }
 
+  // A soft-label stage split over workers: its shards done / running / waiting, and who holds each.
+  function renderShards(job) {
+    const line = document.getElementById("shards");
+    const s = (job.metrics || {}).shards;
+    line.hidden = !s || TERMINAL.has(job.status);
+    if (line.hidden) return;
+    const held = Object.entries(s.held_by || {}).map(([n, w]) => `#${n} on ${w}`);
+    line.textContent = `shards: ${s.done} of ${s.total} done, ${s.running} running, ${s.waiting} waiting` +
+      (held.length ? ` (${held.join(", ")})` : "");
+  }
+
   function renderJob(job) {
     const status = document.getElementById("status");
     status.textContent = job.status;
@@ -89,6 +100,7 @@
     const acc = first(job.metrics, VAL_ACC);
     if (acc !== undefined) bits.push(`val acc ${fmt.pct(acc)}`);
     document.getElementById("progress-text").textContent = bits.join(" · ");
+    renderShards(job);
     document.getElementById("cancel").hidden = TERMINAL.has(job.status);
     showError("error", job.error ? `${job.error.code}: ${job.error.message}` : "");
 
