@@ -153,3 +153,17 @@ def test_an_onnx_text_teacher_with_method_auto(tmp_path: Path) -> None:
     assert report["teacher"]["accuracy"] > 0.5  # the teacher's ONNX logits, scored on held-out rows
     assert (Work(work).out / "student.onnx").is_file()
     forget_loaded_inputs()
+
+
+def test_soft_labels_are_not_reused_across_text_settings(tmp_path: Path, teacher_archive: Path) -> None:
+    """The same files tokenized at another max_length are other inputs to the teacher: new soft labels."""
+    from worker.distill.inputs import stored_soft_labels
+
+    work = work_with(tmp_path, teacher_archive, rows=24)
+    for length in (24, 4):
+        cfg = config(max_length=length)
+        pipeline.soft_label(work, cfg)
+        loaded, _ = load_inputs(Work(work), cfg)
+        stored = stored_soft_labels(Work(work), loaded, cfg, "train")
+        np.testing.assert_allclose(stored.numpy(), loaded.teacher.logits(loaded.x).numpy(), atol=1e-2)
+    forget_loaded_inputs()

@@ -237,7 +237,8 @@ def _load_text(
         teacher=teacher,
         teacher_paths=teacher_paths,
         teacher_sha256=teacher.sha256,
-        dataset_sha256=_digest([dataset, *val_paths]),
+        # The token ids, not only the file, are what the teacher saw: the text settings are part of them.
+        dataset_sha256=_text_digest(_digest([dataset, *val_paths]), config),
         preprocess=PreprocessModule(),  # identity: token ids are never scaled
         x=x,
         y=torch.from_numpy(data.y),
@@ -253,6 +254,11 @@ def _load_text(
     student = new_student(loaded, config)
     check_compatible(teacher, student, x[:2])
     return loaded, student
+
+
+def _text_digest(files_sha256: str, config: DistillConfig) -> str:
+    key = json.dumps([files_sha256, config.text_column, config.max_length])
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _preprocessed(pre: PreprocessModule, x: np.ndarray, chunk: int = 65536) -> torch.Tensor:
