@@ -11,7 +11,6 @@ them, and `data.validate_dataset` (float32 features) does not apply; `check_text
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from worker.distill.data import Dataset
-from worker.distill.data_limits import check_csv_header, check_parquet
 from worker.distill.errors import DatasetError, MismatchError
+from worker.distill.text_data import read_jsonl, read_table
 
 SUFFIXES = (".csv", ".parquet", ".jsonl")
 SHOWN = 8  # label names quoted in an error
@@ -182,43 +181,10 @@ def _rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             field="dataset",
         )
     if kind == "jsonl":
-        rows = _jsonl(path)
+        rows = read_jsonl(path)
         return rows, sorted(set().union(*(r.keys() for r in rows))) if rows else []
-    import pandas as pd
-
-    try:
-        if kind == "parquet":
-            check_parquet(path)
-            frame = pd.read_parquet(path)
-        else:
-            check_csv_header(path)
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except DatasetError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many parser error types
-        raise DatasetError(f"cannot read {kind} file {path.name}: {exc}", code="bad_table") from None
+    frame = read_table(path, kind)
     return frame.to_dict("records"), [str(c) for c in frame.columns]
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(
-            f"{path.name} is not UTF-8 text: {exc}", code="bad_encoding", field="dataset"
-        ) from None
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise DatasetError(f"{path.name} line {i + 1} is not JSON: {exc}", code="bad_jsonl") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{path.name} line {i + 1} is not a JSON object", code="bad_jsonl")
-        rows.append(row)
-    return rows
 
 
 def _label_mapper(path: Path, column: str, id2label: list[str] | None) -> Any:

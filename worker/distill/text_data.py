@@ -230,10 +230,10 @@ def read_records(path: Path, text_column: str = "text") -> list[_Record]:
         blocks = re.split(r"\n[ \t]*\n", text) if re.search(r"\n[ \t]*\n", text) else text.splitlines()
         return [_Record(b.strip()) for b in blocks if b.strip()]
     if suffix == ".jsonl":
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
         columns: Sequence[str] = sorted(set().union(*(r.keys() for r in rows))) if rows else []
     elif suffix in (".csv", ".parquet"):
-        frame = _read_table(path, suffix[1:])
+        frame = read_table(path, suffix[1:])
         columns = [str(c) for c in frame.columns]
         rows = frame.to_dict("records")
     else:
@@ -286,7 +286,7 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     for i, line in enumerate(_read_text(path).splitlines()):
         if not line.strip():
@@ -301,7 +301,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_table(path: Path, kind: str) -> Any:
+def read_table(path: Path, kind: str) -> Any:
     import pandas as pd
 
     try:
