@@ -64,9 +64,10 @@ class Settings(BaseSettings):
     reaper_stale_after_s: float = Field(default=300.0, gt=0)
     # How often a running stage pushes its work folder (soft-label shards) to the store between epochs.
     mirror_interval_s: float = Field(default=30.0, gt=0)
-    # A classification job's soft-label stage over more rows than this is split into shard tasks of about
-    # this many rows each (whole shards of the job's `shard_size`), which any workers of the `soft_label`
-    # queue label side by side (worker/tasks/shards.py). 0: one task labels the whole dataset.
+    # A job's soft-label stage over more rows than this (token windows for a causal LM) is split into shard
+    # tasks of about this many rows each (whole shards of the job's `shard_size`, or `shard_rows` windows),
+    # which any workers of the `soft_label` queue label side by side (worker/tasks/shards.py). 0: one task
+    # labels the whole dataset.
     soft_label_task_rows: int = Field(default=0, ge=0)
     # Per tenant (app.limits): jobs queued or running at once, and of those, waiting for a worker.
     max_active_jobs_per_tenant: int = Field(default=20, ge=1)

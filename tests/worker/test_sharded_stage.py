@@ -68,3 +68,55 @@ def test_a_split_stage_labels_like_one_task_and_hands_on_once(service, tiny_inpu
     soft_label(tmp_path / "one", _config(job["config"]))
     want = {p.name: p.read_bytes() for p in sorted((tmp_path / "one" / "soft_labels").iterdir())}
     assert stored_soft_labels(service, job_id) == want
+
+
+def test_a_causal_lm_stage_split_over_two_workers_labels_like_one_task(service, tmp_path):
+    """The same over token windows: a tiny Llama teacher folder and a JSONL corpus, `shard_rows` windows per
+    shard file; the job then distils from the assembled labels and succeeds."""
+    import json
+
+    from tests.distill.tiny_lm import CORPUS, pack, save_folder
+    from worker.distill.lm_pipeline import lm_soft_label
+    from worker.distill.workfolder import prepare_inputs
+    from worker.tasks.jobs import run_distill
+    from worker.tasks.steps import _lm_config
+
+    save_folder(tmp_path / "teacher")
+    teacher = pack(tmp_path / "teacher", tmp_path / "teacher.tar.gz")
+    dataset = tmp_path / "corpus.jsonl"
+    docs = [f"{a} {b}" for a in CORPUS[:4] for b in CORPUS[:4]]
+    dataset.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    # 61 windows of 16 tokens, no held-out split, 16 per shard file: two tasks of two shards each.
+    settings = service.ctx.settings.model_copy(update={"soft_label_task_rows": 32})
+    ctx, other = (
+        replace(service.ctx, settings=settings),
+        replace(service.ctx, settings=settings, worker_id="w2"),
+    )
+    lm = {"epochs": 1, "batch_size": 8, "max_length": 16, "topk": 8, "shard_rows": 16, "val_fraction": 0.0}
+    lm |= {"max_new_tokens": 4}
+    job_id = submit(
+        service.http, teacher, dataset, task="causal_lm", student="causal_lm:layers=1;hidden=32;heads=2",
+        config=lm,
+    )  # fmt: skip
+    run_soft_label(ctx, job_id)
+    shards = service.http.get(f"/v1/jobs/{job_id}").json()["metrics"]["shards"]
+    assert (shards["total"], shards["waiting"]) == (2, 2), shards
+    for number in range(shards["total"]):
+        run_soft_label_shard(other if number % 2 else ctx, job_id, number)
+        run_soft_label_shard(ctx, job_id, number)  # a duplicate delivery: a no-op
+    assert service.queued_messages().count(("distill.distill", [job_id])) == 1
+    run_distill(ctx, job_id)
+    job = service.http.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job
+    held = {e["data"]["worker_id"] for e in events(service.http, job_id) if e["kind"] == "shard_done"}
+    assert held == {"test-worker", "w2"}
+
+    # Shards and manifest, byte for byte, as the stage run whole in one process (no parts left).
+    prepare_inputs(tmp_path / "one", teachers=[teacher], dataset=dataset)
+    lm_soft_label(tmp_path / "one", _lm_config(job["config"]))
+    folder = tmp_path / "one" / "soft_labels"
+    names = [p.name for p in sorted(folder.iterdir()) if p.name == "manifest.json" or "-0" in p.name]
+    want = {name: (folder / name).read_bytes() for name in names}
+    got = stored_soft_labels(service, job_id)
+    assert len(want) > 3 and {name: got.get(name) for name in want} == want
+    assert not any(name.startswith("parts/") for name in got)

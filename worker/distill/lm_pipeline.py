@@ -41,9 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from worker.distill.errors import (
-    MismatchError,
-)
+from worker.distill.errors import DistillError, MismatchError
 from worker.distill.lm_config import LMConfig
 from worker.distill.lm_generate import (
     generate_completions,
@@ -52,13 +50,15 @@ from worker.distill.lm_generate import (
 from worker.distill.lm_summary import lm_headline
 from worker.distill.lm_train import Stopped, train_lm
 from worker.distill.progress import Progress, emit
+from worker.distill.shard_plan import shard_indices
 from worker.distill.softlabels import sha256_file
 from worker.distill.token_softlabels import TokenTargetReader, token_soft_label_stage
 from worker.distill.token_targets import id_dtype
 from worker.distill.workfolder import Work, read_json, save_weights, write_json
 
 if TYPE_CHECKING:
-    pass
+    from worker.distill.lm_teachers import LMTeacher
+    from worker.distill.text_data import TokenData
 
 from worker.distill.lm_inputs import (
     LM_CHECKPOINTS,
@@ -102,6 +102,8 @@ __all__ = [
     "lm_partial_student",
     "lm_preflight",
     "lm_soft_label",
+    "lm_soft_label_rows",
+    "lm_split_rows",
     "load_job_teacher",
 ]
 
@@ -198,13 +200,7 @@ def lm_soft_label(work: Path, config: LMConfig, on_progress: Progress | None = N
             emit(on_progress, "soft_label", 1.0, resumed=True)
             return manifest
     device = default_device()
-    teacher = job_teacher(w, device)
-    check_length(config, teacher)
-    if stored is None:
-        data = tokenize_dataset(w, config, teacher)
-        info = save_tokens(w, identity, data)
-    else:
-        data, info = stored
+    teacher, data, info = _teacher_and_windows(w, config, identity, stored, device)
     splits = split_names(data)
     rows = {split: len(data.split(split)) for split in splits}
     total, done = sum(rows.values()), 0
@@ -215,21 +211,90 @@ def lm_soft_label(work: Path, config: LMConfig, on_progress: Progress | None = N
             data,
             w.soft_labels,
             split=split,
-            fmt=config.soft_label_format,
-            k=config.k,
-            temperature=label_temperature(config),
-            shard_rows=config.shard_rows,
-            batch_size=SOFT_LABEL_BATCH.get(device.type, 8),
-            seed=config.seed,
-            teacher_sha256=identity["teacher_sha256"],
-            dataset_sha256=identity["dataset_sha256"],
             on_progress=functools.partial(_split_progress, on_progress, done, rows[split], total),
+            **_stage_settings(config, identity, device),
         )
         done += rows[split]
     # The windows these labels were made of: distill and a rerun check the manifest against them.
     info["labelled"] = {split: manifest["splits"][split]["data_sha256"] for split in splits}
     write_json(w.soft_labels / TOKENS_INFO, info)
     return manifest
+
+
+def lm_split_rows(work: Path, config: LMConfig) -> dict[str, int] | None:
+    """How many windows the soft-label stage labels per split, for splitting it over workers; None when
+    the stage is not split: a dataset of prompts (`generate`: the completions are written first, in one
+    task) or labels already complete. Tokenizes (once: tokens.npz) with the teacher's tokenizer."""
+    w = Work(Path(work))
+    if config.generate is not None:
+        return None
+    identity = tokens_identity(w, config)
+    stored = stored_tokens(w, identity)
+    if stored is not None and labels_complete(w, config, identity, stored[1], stored[0]) is not None:
+        return None
+    _, data, _ = _teacher_and_windows(w, config, identity, stored, default_device())
+    return {split: len(data.split(split)) for split in split_names(data)}
+
+
+def lm_soft_label_rows(
+    work: Path,
+    config: LMConfig,
+    split: str,
+    start: int,
+    end: int,
+    on_progress: Progress | None = None,
+) -> dict[str, Any]:
+    """One task of a soft-label stage split over workers: the shards covering windows [start, end) of
+    `split` (whole shards, as `shard_plan.task_ranges` cut them), vouched for by their part file, which is
+    returned. The same shard files, byte for byte, as `lm_soft_label` writes for those windows."""
+    w = Work(Path(work))
+    identity = tokens_identity(w, config)
+    device = default_device()
+    teacher, data, _ = _teacher_and_windows(w, config, identity, stored_tokens(w, identity), device)
+    if split not in split_names(data):
+        raise DistillError(f"this dataset has no {split!r} split to label", code="bad_shard_range")
+    try:
+        shards = shard_indices(start, end, config.shard_rows)
+    except ValueError as exc:
+        raise DistillError(str(exc), code="bad_shard_range") from None
+    return token_soft_label_stage(
+        teacher.logits,
+        data,
+        w.soft_labels,
+        split=split,
+        shards=shards,
+        on_progress=functools.partial(_split_progress, on_progress, 0, 1, 1),
+        **_stage_settings(config, identity, device),
+    )
+
+
+def _teacher_and_windows(
+    w: Work,
+    config: LMConfig,
+    identity: dict[str, Any],
+    stored: tuple[TokenData, dict[str, Any]] | None,
+    device: torch.device,
+) -> tuple[LMTeacher, TokenData, dict[str, Any]]:
+    """The job's teacher, and the windows with their tokens.json: stored ones, or tokenized now and saved."""
+    teacher = job_teacher(w, device)
+    check_length(config, teacher)
+    if stored is not None:
+        return teacher, stored[0], stored[1]
+    data = tokenize_dataset(w, config, teacher)
+    return teacher, data, save_tokens(w, identity, data)
+
+
+def _stage_settings(config: LMConfig, identity: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        "fmt": config.soft_label_format,
+        "k": config.k,
+        "temperature": label_temperature(config),
+        "shard_rows": config.shard_rows,
+        "batch_size": SOFT_LABEL_BATCH.get(device.type, 8),
+        "seed": config.seed,
+        "teacher_sha256": identity["teacher_sha256"],
+        "dataset_sha256": identity["dataset_sha256"],
+    }
 
 
 def _split_progress(

@@ -15,6 +15,12 @@ rows, a digest of the windows themselves, and each shard with its sha256, so an 
 shard granularity and a tampered shard is recomputed. `sampled` seeds a generator per shard (seed + shard
 index), so a recomputed shard is byte-identical to the first.
 
+A stage split over workers (shard_plan.py, as for classification in softlabels.py) runs this with `shards=`:
+each task writes its shards and a part file (`parts/<split>-<first>.json`: the identity, the split's rows
+and windows digest, the vocabulary, its entries) instead of the manifest. The whole stage run afterwards
+finds every shard vouched for by a part, runs no teacher, writes the manifest a single run would have
+written, and removes the parts.
+
 The manifest also records, per split, the teacher's own next-token statistics over the `loss_mask`
 positions, taken from the full logits (T = 1) as they pass: mean NLL, perplexity, top-1 accuracy, and for
 `topk` the mean teacher mass the stored ids cover (at the stored temperature); plus bytes per stored token.
@@ -37,6 +43,7 @@ import torch
 from torch import Tensor
 
 from worker.distill.errors import ConfigError, DatasetError, DistillError, MismatchError, describe_shape
+from worker.distill.shard_plan import PARTS, part_name, shard_name
 from worker.distill.text_data import TokenData
 from worker.distill.token_targets import KINDS, SparseTargets, sampled_targets, topk_targets
 
@@ -61,11 +68,14 @@ def token_soft_label_stage(
     teacher_sha256: str | None = None,
     dataset_sha256: str | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    shards: range | None = None,
 ) -> dict[str, Any]:
     """Write the shards of `split` (see the module docstring); update and return the whole manifest.
 
     `teacher_logits_fn`: `LMTeacher.logits` or any callable (input_ids int64 (B, L), attention_mask bool
-    (B, L)) -> logits (B, L, V) on any device. Rows are passed `batch_size` at a time.
+    (B, L)) -> logits (B, L, V) on any device. Rows are passed `batch_size` at a time. `shards`: only these
+    shards of the split (one task of a stage split over workers), vouched for by their part file, which is
+    returned instead; the manifest is left alone.
     """
     if fmt not in KINDS:
         raise ConfigError(
@@ -91,56 +101,105 @@ def token_soft_label_stage(
         "max_length": data.max_length,
         "shard_rows": shard_rows,
     }
+    digest = _windows_digest(ids, attn, loss)
+    num_shards = math.ceil(n / shard_rows)
+    todo = range(num_shards) if shards is None else shards
+    if not todo or todo.start < 0 or todo.stop > num_shards or todo.step != 1:
+        raise DistillError(
+            f"shards {todo.start}-{todo.stop} are not shards of split {split!r} ({num_shards} shards)",
+            code="bad_shard_range",
+        )
     manifest = read_manifest(out_dir)
     if manifest is None or any(manifest.get(key) != value for key, value in identity.items()):
         manifest = {**identity, "vocab_size": None, "splits": {}}  # different inputs: nothing on disk counts
-    digest = _windows_digest(ids, attn, loss)
-    old = manifest["splits"].get(split, {})
-    same_rows = old.get("rows") == n and old.get("data_sha256") == digest
-    old_entries = {e["name"]: e for e in old.get("shards", [])} if same_rows else {}
-    shards: list[dict[str, Any]] = []
-    info: dict[str, Any] = {"rows": n, "data_sha256": digest, "shards": shards, "complete": False}
-    manifest["splits"][split] = info
-    num_shards = math.ceil(n / shard_rows)
+    vouched, vocab_seen = _vouched(out_dir, manifest, identity, split, n, digest)
+    entries: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"rows": n, "data_sha256": digest, "shards": entries, "complete": False}
+    if shards is None:
+        manifest["splits"][split] = info
+        manifest["vocab_size"] = manifest["vocab_size"] or vocab_seen
+        record, record_path = manifest, out_dir / MANIFEST
+    else:
+        record = {**identity, "vocab_size": vocab_seen, "split": split, "rows": n, "data_sha256": digest}
+        record["shards"] = entries
+        record_path = out_dir / part_name(split, todo.start)
+        record_path.parent.mkdir(exist_ok=True)
 
-    for i in range(num_shards):
+    for done, i in enumerate(todo, 1):
         lo, hi = i * shard_rows, min(n, (i + 1) * shard_rows)
-        name = f"{split}-{i:05d}.npz"
-        entry = old_entries.get(name)
+        name = shard_name(split, i)
+        entry = vouched.get(name)
         if entry is None or not _shard_ok(out_dir, entry, lo, hi):
             targets, stats, vocab = _label_rows(
                 teacher_logits_fn, ids, attn, loss, lo, hi, batch_size, fmt, k, temperature, seed + i
             )
-            if manifest["vocab_size"] not in (None, vocab):
+            if record["vocab_size"] not in (None, vocab):
                 raise MismatchError(
                     f"the teacher returned {vocab} logits per token; the stored soft labels have "
-                    f"{manifest['vocab_size']}: pass teacher_sha256 so a changed teacher starts over",
+                    f"{record['vocab_size']}: pass teacher_sha256 so a changed teacher starts over",
                     field="teacher",
                 )
-            manifest["vocab_size"] = vocab
+            record["vocab_size"] = vocab
             entry = _write_shard(out_dir, name, targets, lo, hi) | {"stats": stats}
-            shards.append(entry)
-            _write_json_atomic(out_dir / MANIFEST, manifest)  # the shard is vouched for once it is complete
+            entries.append(entry)
+            _write_json_atomic(record_path, record)  # the shard is vouched for once it is complete
         else:
-            shards.append(entry)
+            entries.append(entry)
         if on_progress:
             on_progress(
                 {
                     "stage": "soft_label",
-                    "progress": (i + 1) / num_shards,
+                    "progress": done / len(todo),
                     "epoch": None,
                     "metrics": {"split": split, "shard": i, "rows": hi},
                 }
             )
+    if shards is not None:
+        _write_json_atomic(record_path, record)
+        return record
 
-    info.update(_summary(shards, fmt))
+    shards_done = entries
+    info.update(_summary(shards_done, fmt))
     info["complete"] = True
-    kept = {e["name"] for e in shards}
+    kept = {e["name"] for e in shards_done}
     for stale in out_dir.glob(f"{split}-*.npz"):  # left by an earlier, longer run: never read
         if stale.name not in kept:
             stale.unlink()
     _write_json_atomic(out_dir / MANIFEST, manifest)
+    _drop_parts(out_dir, split)
     return manifest
+
+
+def _vouched(
+    out_dir: Path, manifest: dict[str, Any], identity: dict[str, Any], split: str, rows: int, digest: str
+) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """Every shard of `split` a record on disk vouches for, by name, and the vocabulary they were made with:
+    the manifest's (already checked against `identity`) and the parts that tasks of a split stage wrote,
+    each only if made for the same inputs, settings and windows. `_shard_ok` still checks each file."""
+    records = [{**manifest, **manifest.get("splits", {}).get(split, {})}]
+    for path in sorted((out_dir / PARTS).glob(f"{split}-*.json")):
+        try:
+            part = json.loads(path.read_text())
+        except ValueError:
+            continue  # a damaged part vouches for nothing: its shards are labelled again
+        records.append(part if isinstance(part, dict) else {})
+    vouched: dict[str, dict[str, Any]] = {}
+    vocab: int | None = None
+    for record in records:
+        same = all(record.get(key) == value for key, value in identity.items())
+        if same and record.get("rows") == rows and record.get("data_sha256") == digest:
+            vouched.update((entry["name"], entry) for entry in record.get("shards", []))
+            vocab = vocab or record.get("vocab_size")
+    return vouched, vocab
+
+
+def _drop_parts(out_dir: Path, split: str) -> None:
+    """The manifest vouches for the whole split now: its parts go (and their folder, once empty)."""
+    folder = out_dir / PARTS
+    for path in folder.glob(f"{split}-*.json"):
+        path.unlink()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _label_rows(

@@ -114,9 +114,10 @@ def run_soft_label(ctx: WorkerContext, job_id: str) -> None:
         return
     donor = _soft_label_donor(ctx, claim)
     stage_steps = steps.stage_steps("soft_label", claim.config)
-    # Another job's soft labels cost no teacher run, and only classification stages are split.
+    # Another job's soft labels cost no teacher run: never split. The steps decide the rest (a causal-LM
+    # dataset of prompts is not split: its completions are written first, in one task).
     task_rows = ctx.settings.soft_label_task_rows
-    splits = task_rows and donor is None and claim.config.get("task", "classification") == "classification"
+    splits = task_rows and donor is None
     step_config = {**claim.config, steps.SHARD_TASK_ROWS: task_rows} if splits else None
     run_claimed(
         ctx,
@@ -134,7 +135,8 @@ def assemble_soft_labels(ctx: WorkerContext, claim: Claim, shards: int) -> None:
     the whole stage run over them (it finds each shard vouched for by a part: no teacher runs), which writes
     the manifest; then the job is handed on as after a single task."""
     indexes = [shard_index(number) for number in range(shards)]
-    run_claimed(ctx, claim, "soft_label", steps.ASSEMBLE_STEPS, _hand_on_or_split, adopt=indexes)
+    assemble = steps.ASSEMBLE[claim.config.get("task", "classification")]
+    run_claimed(ctx, claim, "soft_label", assemble, _hand_on_or_split, adopt=indexes)
 
 
 def run_distill(ctx: WorkerContext, job_id: str) -> None:
@@ -321,7 +323,7 @@ def _hand_on_or_split(ctx: WorkerContext, claim: Claim, results: dict[str, Any])
         return
     # The child's answer is data: only whole numbers of rows of the known splits are planned from.
     counts = {split: rows[split] for split in SPLITS if type(rows.get(split)) is int}
-    ranges = task_ranges(counts, int(claim.config["shard_size"]), ctx.settings.soft_label_task_rows)
+    ranges = task_ranges(counts, steps.shard_size(claim.config), ctx.settings.soft_label_task_rows)
     if not ranges:
         raise StageError("stage_error", f"the soft-label stage answered no rows to label: {rows!r:.200}")
 

@@ -60,7 +60,7 @@ class ShardClaim:
 
     def files(self) -> list[str]:
         """The work-folder files this task writes, the only ones it mirrors."""
-        indices = shard_indices(self.start, self.end, int(self.job.config["shard_size"]))
+        indices = shard_indices(self.start, self.end, steps.shard_size(self.job.config))
         names = [shard_name(self.split, i) for i in indices] + [part_name(self.split, indices.start)]
         return [f"soft_labels/{name}" for name in names]
 
@@ -88,7 +88,7 @@ def run_soft_label_shard(ctx: WorkerContext, job_id: str, number: int) -> None:
             inputs.download(claim.files, work)
             mirror.pull()  # what an earlier attempt of this shard finished, on any machine
         run_steps(
-            steps.SOFT_LABEL_ROWS_STEPS,
+            steps.SHARD_STEPS[claim.config.get("task", "classification")],
             work,
             {**claim.config, steps.SHARD_ROWS: shard.rows},
             sandbox=ctx.sandbox,

@@ -136,7 +136,7 @@ def partial_student_step(work: Path, config: dict[str, Any], on_progress: OnProg
 def _lm_config(config: dict[str, Any]) -> Any:
     from worker.distill.lm_config import LMConfig
 
-    return LMConfig.from_dict(config)
+    return LMConfig.from_dict({k: v for k, v in config.items() if k not in (SHARD_TASK_ROWS, SHARD_ROWS)})
 
 
 def lm_preflight_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
@@ -152,9 +152,31 @@ def lm_generate_step(work: Path, config: dict[str, Any], on_progress: OnProgress
 
 
 def lm_soft_label_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
+    """As `soft_label_step`, over token windows: past `SHARD_TASK_ROWS` windows, `{SPLIT_ROWS: ...}`."""
+    from worker.distill import lm_pipeline
+    from worker.distill.shard_plan import needs_tasks
+
+    lm_config = _lm_config(config)
+    task_rows = int(config.get(SHARD_TASK_ROWS) or 0)
+    if task_rows:
+        rows = lm_pipeline.lm_split_rows(work, lm_config)
+        if rows is not None and needs_tasks(rows, task_rows):
+            return {SPLIT_ROWS: rows}
+    return lm_pipeline.lm_soft_label(work, lm_config, on_progress)
+
+
+def lm_assemble_soft_labels_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
     from worker.distill import lm_pipeline
 
-    return lm_pipeline.lm_soft_label(work, _lm_config(config), on_progress)
+    return lm_pipeline.lm_soft_label(work, _lm_config(config))
+
+
+def lm_soft_label_rows_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
+    from worker.distill import lm_pipeline
+
+    rows = config[SHARD_ROWS]
+    start, end, split = int(rows["start"]), int(rows["end"]), str(rows["split"])
+    return lm_pipeline.lm_soft_label_rows(work, _lm_config(config), split, start, end, on_progress)
 
 
 def lm_distill_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
@@ -200,6 +222,18 @@ STAGE_STEPS = {
     ("soft_label", "causal_lm"): LM_SOFT_LABEL_STEPS,
     ("distill", "causal_lm"): LM_DISTILL_STEPS,
 }
+
+
+LM_SOFT_LABEL_ROWS_STEPS = [("soft_label_rows", lm_soft_label_rows_step)]
+LM_ASSEMBLE_STEPS = [("soft_label", lm_assemble_soft_labels_step)]
+# A soft-label stage split over workers: one shard task's steps, and the end of the stage, by task.
+SHARD_STEPS = {"classification": SOFT_LABEL_ROWS_STEPS, "causal_lm": LM_SOFT_LABEL_ROWS_STEPS}
+ASSEMBLE = {"classification": ASSEMBLE_STEPS, "causal_lm": LM_ASSEMBLE_STEPS}
+
+
+def shard_size(config: dict[str, Any]) -> int:
+    """Rows (classification) or token windows (causal_lm) per soft-label shard file of a job."""
+    return int(config["shard_rows"] if config.get("task") == "causal_lm" else config["shard_size"])
 
 
 def stage_steps(stage: str, config: dict[str, Any]) -> list[tuple[str, Any]]:
