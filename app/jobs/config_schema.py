@@ -223,6 +223,7 @@ class LMConfigSchema(BaseModel):
     epochs: int = Field(default=4, ge=1, le=1000)
     batch_size: int = Field(default=8, ge=1, le=4096)
     lr: float = Field(default=1e-3, gt=0, le=10)
+    baseline_lr: Annotated[float, Field(gt=0, le=10)] | None = None  # None: lr
     weight_decay: float = Field(default=0.01, ge=0, le=10)
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     seed: int = Field(default=0, ge=0, le=2**31 - 1)

@@ -15,7 +15,7 @@ import torch
 from lm_student_fixtures import TEXTS
 from tiny_lm import CORPUS, pack, save_folder
 
-from worker.distill import lm_inputs, lm_outputs
+from worker.distill import lm_inputs, lm_outputs, lm_pipeline
 from worker.distill.checkpoints import load_latest_checkpoint
 from worker.distill.errors import ConfigError, DistillError
 from worker.distill.lm_config import LMConfig
@@ -238,3 +238,26 @@ def test_config_resolves_task_dependent_defaults_and_names_bad_fields() -> None:
         assert info.value.field == field, bad
     with pytest.raises(ConfigError, match="known: task, student, method"):
         LMConfig.from_dict({"epoch": 3})
+
+
+def test_the_baseline_trains_at_its_own_learning_rate(
+    job: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`baseline_lr`: the CE-only run at its own rate (KD and CE want different ones), shown in the record."""
+    work = tmp_path / "work"
+    shutil.copytree(job["work"], work)
+    config = LMConfig.from_dict({**SETTINGS, "baseline_lr": 3e-3})
+    seen: list[tuple[str, float]] = []
+    real = lm_pipeline.train_lm
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append((kwargs["method"], kwargs["lr"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_pipeline, "train_lm", spy)
+    record = lm_distill(work, config)
+    assert seen == [("fkl", 1e-2), ("ce", 3e-3)]
+    assert (record["hyperparameters"]["lr"], record["hyperparameters"]["baseline_lr"]) == (1e-2, 3e-3)
+    with pytest.raises(ConfigError) as info:
+        LMConfig.from_dict({"baseline_lr": 0})
+    assert info.value.field == "baseline_lr"

@@ -27,7 +27,7 @@ DEFAULT_BETA = 0.5
 AUTO_MEANS = {"method": "fkl", "temperature": 1.0, "alpha": 1.0}
 MAX_PROMPTS, MAX_PROMPT_CHARS, MAX_NEW_TOKENS = 16, 2000, 1024
 MAX_K, MAX_LENGTH = 4096, 1 << 16
-_FLOATS = ("temperature", "alpha", "lr", "weight_decay", "grad_clip", "val_fraction")
+_FLOATS = ("temperature", "alpha", "lr", "baseline_lr", "weight_decay", "grad_clip", "val_fraction")
 # Prompt-only datasets: the teacher writes each completion (lm_generate.py). Greedy unless do_sample; a
 # sampled run draws with `seed` (the job's seed when left out), so a rerun writes the same text.
 GENERATE_DEFAULTS: dict[str, Any] = {
@@ -62,6 +62,9 @@ class LMConfig:
     epochs: int = 4
     batch_size: int = 8
     lr: float = 1e-3
+    # The CE-only baseline's own learning rate (None: `lr`). KD on soft targets and CE on one-hot labels
+    # often want different rates; a fair baseline is trained at the rate that is best for it, not for KD.
+    baseline_lr: float | None = None
     weight_decay: float = 0.01
     grad_clip: float | None = 1.0
     seed: int = 0
@@ -169,6 +172,11 @@ class LMConfig:
         need(_integer(self.epochs) and self.epochs >= 1, "epochs", "an integer >= 1")
         need(_integer(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1")
         need(_number(self.lr) and self.lr > 0, "lr", "a number > 0")
+        need(
+            self.baseline_lr is None or (_number(self.baseline_lr) and self.baseline_lr > 0),
+            "baseline_lr",
+            "a number > 0, or null for lr",
+        )
         need(_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
         need(
             self.grad_clip is None or (_number(self.grad_clip) and self.grad_clip > 0),

@@ -314,6 +314,9 @@ def _hyperparameters(config: LMConfig) -> dict[str, Any]:
     }
     if config.method == "gkd":
         hp["beta"] = config.beta
+    hp["lr"] = config.lr
+    if config.baseline:
+        hp["baseline_lr"] = config.lr if config.baseline_lr is None else config.baseline_lr
     return hp
 
 
@@ -368,7 +371,7 @@ def lm_distill(
             beta=config.beta,
             epochs=config.epochs,
             batch_size=config.batch_size,
-            lr=config.lr,
+            lr=config.lr if name != "baseline" or config.baseline_lr is None else config.baseline_lr,
             weight_decay=config.weight_decay,
             grad_clip=config.grad_clip,
             seed=config.seed,
