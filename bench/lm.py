@@ -12,10 +12,10 @@ Setup (its own, once; everything lives in ~/.cache/distill-bench/lm, `DISTILL_BE
 Five novels train (the first tokens/5 of each, one document per novel), "Persuasion" is held out (its first
 `--heldout-tokens`); 128-token windows, batch 8, the product's defaults otherwise (AdamW, cosine). Learning
 rates: KD runs at `--lr` 3e-3, the CE-only baselines at `--baseline-lr` 1e-3 (the job's `baseline_lr`): each
-the better of {1e-3, 3e-3} for its loss on validation text that is not the held-out novel (`bench/lm_probe.py`:
-continuations of the five training novels; KD 541 at 3e-3 vs 600 at 1e-3, CE 556 at 1e-3 vs 621 at 3e-3), so
-each arm is compared at its own rate, never tuned on *Persuasion*. `--lr 1e-3 --baseline-lr 1e-3` gives the
-product's default of one rate for both.
+the better of {1e-3, 3e-3} for its loss on validation text that is not the held-out novel
+(`bench/lm_probe.py`: continuations of the five training novels; KD 541 at 3e-3 vs 600 at 1e-3, CE 556 at
+1e-3 vs 621 at 3e-3), so each arm is compared at its own rate, never tuned on *Persuasion*.
+`--lr 1e-3 --baseline-lr 1e-3` gives the product's default of one rate for both.
 
 Arms, each the product's own stages (`worker.distill.lm_pipeline`) over a work folder that a user's job would
 have (the GGUF teacher and a JSONL dataset), `val_fraction` 0 so every arm trains on the same windows for the
@@ -242,7 +242,8 @@ def make_work(work: Path, teacher: Path, dataset: Path | None = None) -> Path:
 
 def config(args: argparse.Namespace, **settings: Any) -> LMConfig:
     base = {"student": STUDENT, "max_length": LENGTH, "val_fraction": 0.0, "epochs": args.epochs,
-            "batch_size": BATCH, "seed": args.seed, "lr": args.lr, "baseline_lr": args.baseline_lr}  # fmt: skip
+            "batch_size": BATCH, "seed": args.seed, "lr": args.lr,
+            "baseline_lr": args.baseline_lr}  # fmt: skip
     return LMConfig.from_dict(base | settings)
 
 
@@ -325,7 +326,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--timing-steps", type=int, default=200, help="steps timed per arm (cached, online)")
     parser.add_argument("--lr", type=float, default=3e-3, help="the KD runs' learning rate")
-    parser.add_argument("--baseline-lr", type=float, default=1e-3, help="the CE-only baselines' learning rate")
+    parser.add_argument("--baseline-lr", type=float, default=1e-3, help="the CE-only baselines' lr")
     parser.add_argument("--keep", default=KEEP, help="teacher layers the teacher_layers student keeps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
