@@ -96,6 +96,9 @@ TEACHER: dict[str, Any] = {
     "seed": 0,
 }
 KD = {"method": "hinton", "temperature": 2.0, "alpha": 0.5}
+# --auto: the product's default instead, method/T/alpha chosen on the dev file by short trials, plain CE
+# (alpha 0) among them (autotune.py); its own work folders (`auto-...`), the fixed run's soft labels reused.
+AUTO_KD = {"method": "auto", "temperature": "auto", "alpha": "auto"}
 
 
 @dataclass(frozen=True)
@@ -333,10 +336,10 @@ def ensure_teacher(encoder: Path, rows: list[dict[str, str]]) -> tuple[Path, dic
 # --- arms through the product -------------------------------------------------------------------------------
 
 
-def config(arm: Arm, seed: int, epochs: int) -> DistillConfig:
+def config(arm: Arm, seed: int, epochs: int, kd: dict[str, Any] = KD) -> DistillConfig:
     return DistillConfig.from_dict({
         "student": arm.spec, "epochs": epochs, "lr": arm.lr, "batch_size": arm.batch_size, "seed": seed,
-        "max_length": LENGTH, "export_formats": ["safetensors"], "baseline": True, **KD,
+        "max_length": LENGTH, "export_formats": ["safetensors"], "baseline": True, **kd,
     })  # fmt: skip
 
 
@@ -412,6 +415,7 @@ def arm_figures(work: Path, cfg: DistillConfig, report: dict[str, Any], scorer: 
         "dev": {"teacher": report["teacher"]["accuracy"], "distilled": report["student"]["accuracy"],
                 "alone": report["baseline"]["accuracy"], "rows": report["labelled_validation_rows"]},
         "phases": report["phases"], "timing": report["bench_timing"], "train_texts_per_s": throughput(work),
+        "hyperparameters": report.get("hyperparameters"),
     }  # fmt: skip
 
 
@@ -441,6 +445,7 @@ def main() -> None:
     )
     parser.add_argument("--arms", default=",".join(ARMS), help="student kinds to run, comma-separated")
     parser.add_argument("--no-ten", action="store_true", help="skip the 10%%-labels experiment")
+    parser.add_argument("--auto", action="store_true", help="method/T/alpha 'auto' (the product's default)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--fresh", action="store_true", help="discard this size's work folders first")
     parser.add_argument("--json", type=Path, help="every figure (default: the cache's text-<emails>.json)")
@@ -495,14 +500,19 @@ def main() -> None:
         plan += [("ten", arm) for arm in arms if arm.name in TEN_ARMS]
     results: dict[str, dict[str, Any]] = {"full": {}, "ten": {}}
     donors: dict[str, Path] = {}
+    kd, prefix = (AUTO_KD, "auto-") if args.auto else (KD, "")
+    if args.auto:  # the same teacher, files and max_length as the fixed run: its soft labels hold
+        for setting in ("full", "ten"):
+            fixed = [root / f"{setting}-{arm.name}-s0" for arm in ARMS.values()]
+            donors.update((setting, w) for w in fixed if soft_labels_done(w))
     for setting, arm in plan:
         dataset, validation = (
             (files["train"], files["dev"]) if setting == "full" else (ten["train"], ten["dev"])
         )
         for seed in range(seeds if arm.name in MULTI_SEED else 1):
-            name = f"{setting}-{arm.name}-s{seed}"
+            name = f"{prefix}{setting}-{arm.name}-s{seed}"
             work = root / name
-            cfg = config(arm, seed, args.epochs or arm.epochs)
+            cfg = config(arm, seed, args.epochs or arm.epochs, kd)
             print(
                 f"{name}: {cfg.student}, {cfg.epochs} epoch(s), lr {cfg.lr}, batch {cfg.batch_size}",
                 flush=True,
@@ -523,11 +533,11 @@ def main() -> None:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "emails": size, "split": {name: len(rows) for name, rows in parts.items()},
         "test_texts_also_in_train_or_dev": sum(r["text"] in seen_texts for r in parts["test"]),
-        "labelled_10pct_train_rows": int(kept["train"].sum()), "max_length": LENGTH, "kd": KD,
+        "labelled_10pct_train_rows": int(kept["train"].sum()), "max_length": LENGTH, "kd": kd,
         "threads": torch.get_num_threads(), "teacher": {"fine_tune": teacher_facts, "test": test_teacher,
         "archive": teacher.name}, "arms": results, "seconds": time.perf_counter() - started,
     }  # fmt: skip
-    out = args.json or TEXT_CACHE / f"text-{size}.json"
+    out = args.json or TEXT_CACHE / f"text-{size}{'-auto' if args.auto else ''}.json"
     out.write_text(json.dumps(figures, indent=1, default=str))
     print_report(figures)
     print(f"\nfigures: {out}; total {figures['seconds']:.0f} s")
@@ -543,7 +553,7 @@ def print_report(f: dict[str, Any]) -> None:
           f"jobs' validation file), test {f['split']['test']} (scored only; "
           f"{f['test_texts_also_in_train_or_dev']} of its texts also occur in train or dev, the corpus "
           f"repeats some emails); max_length {f['max_length']}, "
-          f"{teacher['test']['truncated']} of the test texts cut there; Hinton KD T "
+          f"{teacher['test']['truncated']} of the test texts cut there; KD method {f['kd']['method']}, T "
           f"{f['kd']['temperature']}, alpha {f['kd']['alpha']}; {f['threads']} thread(s) to train, 1 to "
           f"time. Teacher fine-tuned on {ft['rows']} texts in {ft['seconds']:.0f} s "
           f"({ft['texts_per_s']:.1f} texts/s{', cached' if ft.get('cached') else ''}).")  # fmt: skip
@@ -589,6 +599,11 @@ def print_report(f: dict[str, Any]) -> None:
         gains = [points(r) for r in ten]
         print(f"- {verdict(min(gains) >= 3)} 10% labels: distilled {min(gains):+.2f} to {max(gains):+.2f} "
               "points over alone (target >= 3 in every run)")  # fmt: skip
+    if f["kd"]["method"] == "auto":
+        chosen = [(r["name"], r.get("hyperparameters") or {}) for r in runs]
+        print("- auto chose: " + "; ".join(
+            f"{name} {hp.get('method')} T {hp.get('temperature')} alpha {hp.get('alpha')}" for name, hp in chosen
+        ))  # fmt: skip
     soft = [f"{r['name']} {r['timing']['soft_label_s']:.0f}" for r in runs if "soft_label_s" in r["timing"]]
     arms = [f"{r['name']} {r['timing'].get('run_all_s', 0):.0f}" for r in runs]
     print(f"\nseconds: teacher fine-tune {ft['seconds']:.0f}, teacher on test "
