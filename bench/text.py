@@ -601,9 +601,8 @@ def print_report(f: dict[str, Any]) -> None:
               "points over alone (target >= 3 in every run)")  # fmt: skip
     if f["kd"]["method"] == "auto":
         chosen = [(r["name"], r.get("hyperparameters") or {}) for r in runs]
-        print("- auto chose: " + "; ".join(
-            f"{name} {hp.get('method')} T {hp.get('temperature')} alpha {hp.get('alpha')}" for name, hp in chosen
-        ))  # fmt: skip
+        said = [f"{n} {h.get('method')} T {h.get('temperature')} alpha {h.get('alpha')}" for n, h in chosen]
+        print("- auto chose: " + "; ".join(said))
     soft = [f"{r['name']} {r['timing']['soft_label_s']:.0f}" for r in runs if "soft_label_s" in r["timing"]]
     arms = [f"{r['name']} {r['timing'].get('run_all_s', 0):.0f}" for r in runs]
     print(f"\nseconds: teacher fine-tune {ft['seconds']:.0f}, teacher on test "
