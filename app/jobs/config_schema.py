@@ -17,6 +17,7 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 EXPORT_FORMATS = ("torchscript", "onnx", "safetensors", "hf")
 DEFAULT_EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
 MAX_TEXT_LENGTH = 8192
+MAX_VIEWS = 32
 METHODS = ("dist", "dkd", "hinton", "mse_logits", "soft_target")
 STUDENTS = ("cnn", "logreg", "mlp", "resnet", "text_transformer", "teacher_layers", "textcnn", "bow")
 # Students of a text classifier (a transformer teacher): token ids in, so their exports differ. The two
@@ -101,6 +102,40 @@ class PreprocessSchema(BaseModel):
         return value
 
 
+class CropSchema(BaseModel):
+    model_config = STRICT
+
+    scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (0.35, 1.0)
+    ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (3 / 4, 4 / 3)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CropSchema:
+        if self.scale[0] > self.scale[1] or self.ratio[0] > self.ratio[1]:
+            raise ValueError("scale and ratio are [min, max] with min <= max")
+        return self
+
+
+class AugmentSchema(BaseModel):
+    """worker/distill/augment.py: training augmentation of image students, and the views FKD stores."""
+
+    model_config = STRICT
+
+    random_resized_crop: bool | CropSchema = False
+    hflip: bool = False
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @field_validator("random_resized_crop")
+    @classmethod
+    def _resolved(cls, value: bool | CropSchema) -> bool | CropSchema:
+        return CropSchema() if value is True else value  # stored resolved: the config shown is the one run
+
+    @model_validator(mode="after")
+    def _names_a_transform(self) -> AugmentSchema:
+        if self.random_resized_crop is False and not self.hflip:
+            raise ValueError("augment names no transform (random_resized_crop, hflip)")
+        return self
+
+
 class DistillConfigSchema(BaseModel):
     """Every DistillConfig setting except `student` (a top-level field of the job request)."""
 
@@ -116,6 +151,8 @@ class DistillConfigSchema(BaseModel):
     max_length: int = Field(default=128, ge=1, le=MAX_TEXT_LENGTH)
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     preprocess: PreprocessSchema = Field(default_factory=PreprocessSchema)
+    augment: AugmentSchema | None = None
+    views: int = Field(default=1, ge=1, le=MAX_VIEWS)
     soft_label_format: Literal[SOFT_LABEL_FORMATS] = "full"  # type: ignore[valid-type]
     topk: int = Field(default=5, ge=1, le=1000)
     shard_size: int = Field(default=8192, ge=1, le=1_000_000)
@@ -176,6 +213,12 @@ class DistillConfigSchema(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("export formats must not repeat")
         return value
+
+    @model_validator(mode="after")
+    def _views_need_augment(self) -> DistillConfigSchema:
+        if self.views > 1 and self.augment is None:
+            raise ValueError("views: more than 1 needs `augment` to draw them")
+        return self
 
 
 Prompt = Annotated[str, Field(max_length=2000)]

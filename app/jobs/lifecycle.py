@@ -250,7 +250,7 @@ def add_artifact(
 SOFT_LABEL_SETTINGS = {
     "classification": (
         "teacher_format", "teacher_arch", "label_column", "val_fraction", "preprocess",
-        "soft_label_format", "topk", "shard_size", "seed", "text_column", "max_length",
+        "soft_label_format", "topk", "shard_size", "seed", "text_column", "max_length", "augment", "views",
     ),
     "causal_lm": (
         "soft_label_format", "topk", "temperature", "max_length", "text_column", "pack",

@@ -39,9 +39,17 @@ def test_defaults_are_the_cores_defaults_and_the_core_accepts_what_the_api_store
             "soft_label_format": "topk",
             "export_formats": ["onnx"],
             "teacher_arch": "mlp:hidden=64",
+            "augment": {"random_resized_crop": {"scale": [0.5, 1]}, "hflip": True},
+            "views": 2,
         },
     ).distill_config()
-    core_config.DistillConfig.from_dict(custom)
+    assert core_config.DistillConfig.from_dict(custom).augment == {
+        "random_resized_crop": {"scale": [0.5, 1.0], "ratio": [0.75, 4 / 3]}, "hflip": True, "seed": 0
+    }  # fmt: skip
+    augment = pytest.importorskip("worker.distill.augment")
+    assert config_schema.MAX_VIEWS == augment.MAX_VIEWS
+    assert tuple(config_schema.CropSchema().scale) == augment.DEFAULT_SCALE
+    assert tuple(config_schema.CropSchema().ratio) == augment.DEFAULT_RATIO
 
 
 def test_names_match_the_core_registries() -> None:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from worker.distill.augment import MAX_VIEWS, Augment
 from worker.distill.errors import ConfigError
 
 Auto = Literal["auto"]
@@ -77,6 +78,10 @@ class DistillConfig:
     max_length: int = 128
     val_fraction: float = 0.1  # seeded stratified holdout when the dataset brings no validation split
     preprocess: Preprocess = field(default_factory=Preprocess)
+    # Image training augmentation (augment.py), and the augmented views of every training image whose teacher
+    # logits the soft-label stage stores (FKD): epoch e trains on view (e - 1) % views. None / 1: neither.
+    augment: dict[str, Any] | None = None
+    views: int = 1
     # Soft-label stage
     soft_label_format: str = "full"  # "full" (fp16 logits) or "topk"
     topk: int = 5
@@ -138,6 +143,9 @@ class DistillConfig:
         )
         need(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         need(self.epochs >= 1, "epochs", "must be >= 1")
+        Augment.from_config(self.augment)  # ConfigError(field="augment") names what is wrong
+        need(1 <= self.views <= MAX_VIEWS, "views", f"must be in 1..{MAX_VIEWS}")
+        need(self.views == 1 or self.augment is not None, "views", "more than 1 needs `augment` to draw them")
         need(1 <= self.max_length <= MAX_TEXT_LENGTH, "max_length", f"must be in 1..{MAX_TEXT_LENGTH}")
         need(bool(self.text_column), "text_column", "must not be empty")
         need(self.finetune_epochs >= 0, "finetune_epochs", "must be >= 0")

@@ -20,7 +20,14 @@ from torch import nn
 from worker.distill.config import DistillConfig
 from worker.distill.data_parallel import train_data_parallel
 from worker.distill.distill_record import BASELINE, STATE, STUDENT, DistillRecord
-from worker.distill.inputs import Loaded, fingerprint, load_inputs, new_student, stored_soft_labels
+from worker.distill.inputs import (
+    Loaded,
+    fingerprint,
+    load_inputs,
+    new_student,
+    stored_soft_labels,
+    stored_views,
+)
 from worker.distill.progress import Progress, emit
 from worker.distill.train import TensorData, train
 from worker.distill.workfolder import Work, save_weights
@@ -99,7 +106,9 @@ def distill(
     loaded, student = load_inputs(w, config)
     ckpt = w.checkpoints
     # Soft labels first: without them nothing below may touch the checkpoints.
-    train_data = TensorData(loaded.x, loaded.y, stored_soft_labels(w, loaded, config, "train"))
+    train_data = TensorData(
+        loaded.x, loaded.y, stored_soft_labels(w, loaded, config, "train"), stored_views(w, loaded, config)
+    )
     val_data = None
     if loaded.x_val is not None and loaded.y_val is not None:
         val_data = TensorData(loaded.x_val, loaded.y_val, stored_soft_labels(w, loaded, config, "val"))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from worker.distill.augment import VIEW_PARAMS, view_params_name, view_split
 from worker.distill.config import DistillConfig
 from worker.distill.data import load_dataset, split_validation, validate_dataset
 from worker.distill.errors import ConfigError, DatasetError, DistillError, TeacherError
@@ -32,6 +33,7 @@ from worker.distill.teachers import Teacher, check_compatible, load_teacher
 from worker.distill.text_cls_data import TextStats, check_text_dataset, load_text_classification
 from worker.distill.text_students import TEXT_STUDENTS, build_text_student, is_text_student
 from worker.distill.text_teachers import TextTeacher, encode_texts, is_text_teacher, load_text_teachers
+from worker.distill.train import Views
 from worker.distill.workfolder import SLOTS, Work
 
 RAW_SAMPLE = 256
@@ -155,6 +157,8 @@ def _load(work: Work, config: DistillConfig) -> tuple[Loaded, nn.Module]:
         )
     val_paths = work.input_files("validation")
     if any(is_text_teacher(p) for p in teacher_paths):
+        if config.augment is not None:
+            raise ConfigError("augment applies to images; this job's teacher reads text", field="augment")
         return _load_text(work, config, teacher_paths, dataset_paths[0], val_paths)
     if is_text_student(config.student):
         raise ConfigError(
@@ -167,6 +171,12 @@ def _load(work: Work, config: DistillConfig) -> tuple[Loaded, nn.Module]:
     teacher = load_teacher(teacher_paths, config, input_shape=data.feature_shape)
     data = split_validation(data, config.val_fraction, config.seed)
     pre = PreprocessModule.from_config(config.preprocess)
+    if config.augment is not None and len(data.feature_shape) != 3:
+        raise ConfigError(
+            f"augment applies to images (rows of C x H x W); this dataset's rows have shape "
+            f"{tuple(data.feature_shape)}",
+            field="augment",
+        )
     x = _preprocessed(pre, data.x)
     # The teacher's output size is authoritative: learn it on real rows, then check the labels against it.
     num_classes = int(teacher.checked_logits(x[:2]).shape[1])
@@ -176,7 +186,7 @@ def _load(work: Work, config: DistillConfig) -> tuple[Loaded, nn.Module]:
         teacher=teacher,
         teacher_paths=teacher_paths,
         teacher_sha256=teacher.sha256,
-        dataset_sha256=_digest(dataset_paths + val_paths),
+        dataset_sha256=_views_digest(_digest(dataset_paths + val_paths), config),
         preprocess=pre,
         x=x,
         y=torch.from_numpy(data.y),
@@ -261,6 +271,14 @@ def _text_digest(files_sha256: str, config: DistillConfig) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _views_digest(files_sha256: str, config: DistillConfig) -> str:
+    """With `augment`, the stored views depend on its settings too: their soft labels are keyed by them."""
+    if config.augment is None:
+        return files_sha256
+    key = json.dumps([files_sha256, config.augment, config.views], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def _preprocessed(pre: PreprocessModule, x: np.ndarray, chunk: int = 65536) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([pre(torch.from_numpy(x[i : i + chunk])) for i in range(0, len(x), chunk)])
@@ -333,6 +351,25 @@ def stored_soft_labels(w: Work, loaded: Loaded, config: DistillConfig, split: st
             "soft labels are missing or from other inputs: run soft_label first", code="soft_labels_missing"
         )
     return load_soft_labels(w.soft_labels, split, manifest=manifest)
+
+
+def stored_views(w: Work, loaded: Loaded, config: DistillConfig) -> Views | None:
+    """The augmented views of the training rows the soft-label stage stored (params and teacher logits), or
+    None without `augment`."""
+    if config.augment is None:
+        return None
+    params, logits = [], []
+    for view in range(config.views):
+        path = w.soft_labels / view_params_name(view)
+        found = np.load(path, allow_pickle=False) if path.is_file() else None
+        if found is None or found.shape != (len(loaded.y), VIEW_PARAMS):
+            raise DistillError(
+                f"the parameters of view {view} are missing or for other rows: run soft_label first",
+                code="soft_labels_missing",
+            )
+        params.append(torch.from_numpy(found))
+        logits.append(stored_soft_labels(w, loaded, config, view_split(view)))
+    return Views(torch.stack(params), torch.stack(logits))
 
 
 def load_weights(loaded: Loaded, config: DistillConfig, path: Path) -> nn.Module:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.distill.augment import view_params_name, view_split
 from worker.distill.config import DistillConfig
 from worker.distill.distill_record import BASELINE, STUDENT, DistillRecord, finished_record
 from worker.distill.errors import ConfigError
@@ -127,6 +128,7 @@ def _measure(w: Work, config: DistillConfig, record: DistillRecord, student_sha:
                 "format": manifest.get("format"),
                 "k": manifest.get("k"),
                 "teacher_accuracy": {s: v.get("teacher_accuracy") for s, v in manifest["splits"].items()},
+                **_views_summary(w, config, manifest, len(loaded.y)),
             },
             "phases": {
                 name: {k: v for k, v in p.items() if k != "history"} for name, p in record.phases.items()
@@ -134,6 +136,28 @@ def _measure(w: Work, config: DistillConfig, record: DistillRecord, student_sha:
         }
     )
     return report
+
+
+def _views_summary(w: Work, config: DistillConfig, manifest: dict[str, Any], rows: int) -> dict[str, Any]:
+    """With `augment`: the stored views, the teacher's accuracy on them, and what a training image costs on
+    disk (its logits on every view and the views' parameters, beside its plain soft labels)."""
+    if config.augment is None:
+        return {}
+    names = [view_split(v) for v in range(config.views)]
+    accuracy = [manifest["splits"].get(name, {}).get("teacher_accuracy") for name in names]
+    files = [w.soft_labels / view_params_name(v) for v in range(config.views)]
+    splits = [manifest["splits"].get(name, {}) for name in names]
+    files += [w.soft_labels / entry["name"] for split in splits for entry in split.get("shards", [])]
+    stored = sum(f.stat().st_size for f in files if f.is_file())
+    known = [a for a in accuracy if a is not None]
+    return {
+        "views": {
+            "count": config.views,
+            "augment": config.augment,
+            "teacher_accuracy": sum(known) / len(known) if known else None,
+            "bytes_per_image": stored / max(rows, 1),
+        }
+    }
 
 
 def export(work: Path, config: DistillConfig) -> list[Path]:

@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from worker.distill.augment import Augment, apply_views, view_params_name, view_split
 from worker.distill.config import DistillConfig
 from worker.distill.distill_stage import distill
 from worker.distill.errors import DistillError
@@ -64,10 +66,13 @@ def soft_label(work: Path, config: DistillConfig, on_progress: Progress | None =
     w = Work(Path(work))
     loaded, _ = load_inputs(w, config)
     splits = _splits(loaded)
-    total, done = sum(len(x) for _, x, _ in splits), 0
+    views = _views(w, loaded, config)
+    total, done = sum(len(x) for _, x, _ in splits) + len(loaded.y) * len(views), 0
     manifest: dict[str, Any] = {}
     with _on_device(loaded) as (teacher, device):
-        for split, x, y in splits:
+        for split, x, y in [*splits, *((name, None, loaded.y) for name in views)]:
+            if x is None:  # an augmented view of the training rows, made only while its labels are made
+                x = _augmented(loaded.x, views[split])
             manifest = soft_label_stage(
                 teacher,
                 x,
@@ -79,6 +84,32 @@ def soft_label(work: Path, config: DistillConfig, on_progress: Progress | None =
             )
             done += len(x)
     return manifest
+
+
+def _views(w: Work, loaded: Loaded, config: DistillConfig) -> dict[str, torch.Tensor]:
+    """With `augment`: each view's split name and parameters (augment.py), the parameters written beside the
+    soft labels (the same bytes on every run: a view is a function of the settings and the rows)."""
+    augment = Augment.from_config(config.augment)
+    if augment is None:
+        return {}
+    _, _, height, width = loaded.x.shape
+    views = {}
+    w.soft_labels.mkdir(parents=True, exist_ok=True)
+    for view in range(config.views):
+        params = augment.sample(len(loaded.y), height, width, view)
+        path = w.soft_labels / view_params_name(view)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
+            np.save(f, params.numpy(), allow_pickle=False)
+        tmp.replace(path)
+        views[view_split(view)] = params
+    return views
+
+
+def _augmented(x: torch.Tensor, params: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    with torch.no_grad():
+        parts = [apply_views(x[i : i + chunk], params[i : i + chunk]) for i in range(0, len(x), chunk)]
+    return torch.cat(parts)
 
 
 def split_rows(work: Path, config: DistillConfig) -> dict[str, int]:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from worker.distill.augment import apply_views
 from worker.distill.checkpoints import capture_rng, load_latest_checkpoint, restore_rng, save_checkpoint
 from worker.distill.config import DistillConfig
 from worker.distill.errors import ConfigError
@@ -35,13 +36,30 @@ EVAL_BATCH = 1024
 
 
 @dataclass
+class Views:
+    """Augmented views of the training images (augment.py): `params` (V, N, 5) crop box and flip per view and
+    row, `logits` (V, N, C) the teacher's on each view. Epoch e trains on view (e - 1) % V."""
+
+    params: Tensor
+    logits: Tensor
+
+    def __len__(self) -> int:
+        return int(self.params.shape[0])
+
+    def subset(self, index: Tensor) -> Views:
+        return Views(self.params[:, index], self.logits[:, index])
+
+
+@dataclass
 class TensorData:
     """Rows ready for the student. x: preprocessed float32 (N, ...); y: int64 (N,), -1 for an unlabelled row;
-    teacher_logits: (N, C) float32 or float16 for the same rows, or None."""
+    teacher_logits: (N, C) float32 or float16 for the same rows, or None; views: augmented views to train on
+    instead of x (and their teacher logits instead of teacher_logits), or None."""
 
     x: Tensor
     y: Tensor
     teacher_logits: Tensor | None = None
+    views: Views | None = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -52,7 +70,8 @@ class TensorData:
 
     def subset(self, index: Tensor) -> TensorData:
         t = None if self.teacher_logits is None else self.teacher_logits[index]
-        return TensorData(self.x[index], self.y[index], t)
+        views = None if self.views is None else self.views.subset(index)
+        return TensorData(self.x[index], self.y[index], t, views)
 
 
 @dataclass
@@ -107,13 +126,14 @@ def train(
     method = loss_fn if isinstance(loss_fn, str) else getattr(loss_fn, "__name__", "hard_label_ce")
     distill_loss = METHODS.get(loss_fn) if isinstance(loss_fn, str) else loss_fn
     rows = _rows(train_data, teacher_logits, method, distill_loss is not None, config)
-    x, y, targets = rows.x, rows.y, rows.targets
+    x, y, targets, views = rows.x, rows.y, rows.targets, rows.views
 
     # Hold everything on the device when it fits: indexing on-device beats any loader.
-    on_device = _fits_on(device, x, y, targets)
+    on_device = _fits_on(device, x, y, targets, *(() if views is None else (views.params, views.logits)))
     if on_device:
         x, y = x.to(device), y.to(device)
         targets = None if targets is None else targets.to(device)
+        views = None if views is None else Views(views.params.to(device), views.logits.to(device))
     val = _to_device(val_data, device)
 
     n, batch_size = len(y), config.batch_size
@@ -161,6 +181,10 @@ def train(
             batch = perm[step * batch_size : (step + 1) * batch_size]
             index, share = replicas.shard(batch)  # this process's rows; all of them alone (share 1.0)
             xb, yb, tb = x[index], y[index], (None if targets is None else targets[index])
+            if views is not None:  # this epoch's stored view of each row, and the teacher's logits on it
+                view = (epoch - 1) % len(views)
+                xb = apply_views(xb, views.params[view][index])
+                tb = None if tb is None else views.logits[view][index]
             if not on_device:
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 tb = None if tb is None else tb.to(device, non_blocking=True)
@@ -237,6 +261,7 @@ class _Rows:
     targets: Tensor | None  # the teacher's logits for these rows; None when training on labels alone
     temperature: float | None
     alpha: float | None
+    views: Views | None = None
 
 
 def _rows(
@@ -247,12 +272,13 @@ def _rows(
         temperature, alpha = _resolved(config)
         if targets is None:
             raise ConfigError(f"method {method!r} needs teacher logits for the training rows", field="method")
-        return _Rows(data.x, data.y, targets, temperature, alpha)
+        return _Rows(data.x, data.y, targets, temperature, alpha, data.views)
     # Training alone means the labelled rows only: an unlabelled row would be a wasted forward pass.
     labelled = (data.y >= 0).nonzero().squeeze(1)
     if len(labelled) == 0:
         raise ConfigError("no labelled training rows to train on with hard labels", field="dataset")
-    return _Rows(data.x[labelled], data.y[labelled], None, None, None)
+    views = None if data.views is None else data.views.subset(labelled)
+    return _Rows(data.x[labelled], data.y[labelled], None, None, None, views)
 
 
 @dataclass
@@ -373,6 +399,8 @@ def _run_identity(
     # (replicas.py), and keep a random state per process: theirs resume only on as many processes.
     if processes > 1:
         run["processes"] = processes
+    if config.augment is not None:  # named only when set: runs without keep the identity they had
+        run["augment"], run["views"] = config.augment, config.views
     return run
 
 
