@@ -168,6 +168,7 @@ class DistillConfigSchema(BaseModel):
     schedule: Literal[SCHEDULES] = "cosine"  # type: ignore[valid-type]
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    checkpoint_every_steps: int | None = Field(default=None, ge=1)
     finetune_epochs: int = Field(default=0, ge=0, le=10_000)
     finetune_lr: Annotated[float, Field(gt=0, le=10)] | None = None
     baseline: bool = True

@@ -199,3 +199,36 @@ def test_a_stop_inside_an_epoch_discards_only_that_epoch(tmp_path, monkeypatch):
     assert train(student, train_data, val_data, "hinton", config, ckpt_dir=tmp_path).resumed_from == 1
     for a, b in zip(whole.state_dict().values(), student.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_crash_mid_epoch_resumes_at_its_last_step_checkpoint_to_the_same_weights(tmp_path):
+    """`checkpoint_every_steps`: a run killed inside epoch 2 resumes at the step of its last checkpoint (its
+    row order, position, running sums and random state) and ends bit for bit as a run never interrupted."""
+    from worker.distill.checkpoints import load_latest_checkpoint
+
+    data, val = _data(200, seed=1), _data(50, seed=2)  # 13 steps of 16 rows per epoch (a last one of 8)
+    config = _config(epochs=2, checkpoint_every_steps=4)
+    whole = _mlp()
+    done = train(whole, data, val, "hinton", config, ckpt_dir=tmp_path / "whole")
+
+    crashing, calls = _mlp(), []
+
+    def crash(*_):
+        calls.append(1)
+        if len(calls) == 13 + 7:  # the 7th training step of epoch 2 (no validation pass in between)
+            raise RuntimeError("killed")
+
+    crashing.register_forward_hook(lambda *a: crash() if crashing.training else None)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(crashing, data, val, "hinton", config, ckpt_dir=tmp_path / "crashed")
+    within = load_latest_checkpoint(tmp_path / "crashed")["within"]
+    assert within["position"] == 4 and within["perm"].shape == (200,)
+
+    resumed = _mlp(seed=5)  # other initial weights: all of them come from the checkpoint
+    result = train(resumed, data, val, "hinton", config, ckpt_dir=tmp_path / "crashed")
+    assert result.resumed_from == 1
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    last, again = done.history[-1], result.history[-1]
+    keys = ("loss", "train_acc", "val_acc")
+    assert [last[k] for k in keys] == [again[k] for k in keys]

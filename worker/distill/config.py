@@ -102,6 +102,9 @@ class DistillConfig:
     schedule: str = "cosine"
     grad_clip: float | None = 1.0
     seed: int = 0
+    # A checkpoint inside an epoch every this many steps (as well as every train.CHECKPOINT_SECONDS and per
+    # epoch); None: by time alone. One process; a data-parallel run checkpoints per epoch.
+    checkpoint_every_steps: int | None = None
     finetune_epochs: int = 0  # hard-label fine-tuning after distillation (labelled rows only)
     finetune_lr: float | None = None
     # Report and outputs
@@ -149,6 +152,8 @@ class DistillConfig:
         need(1 <= self.max_length <= MAX_TEXT_LENGTH, "max_length", f"must be in 1..{MAX_TEXT_LENGTH}")
         need(bool(self.text_column), "text_column", "must not be empty")
         need(self.finetune_epochs >= 0, "finetune_epochs", "must be >= 0")
+        every = self.checkpoint_every_steps
+        need(every is None or every >= 1, "checkpoint_every_steps", "null or an integer >= 1")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")

@@ -4,7 +4,12 @@ The data is held on the device when it fits and batches are cut from a seeded pe
 no worker processes, no per-batch host copies. That is what makes distilling from cached logits as fast as a
 hand-written loop. A checkpoint per epoch holds everything the next epoch depends on (weights, optimizer,
 schedule, every RNG, the best weights so far, the history), so a run stopped after epoch k and resumed ends
-with the same weights, bit for bit on CPU, as a run that was never stopped.
+with the same weights, bit for bit on CPU, as a run that was never stopped. Inside an epoch, one process also
+checkpoints every `checkpoint_every_steps` steps and whenever `CHECKPOINT_SECONDS` have passed since the
+last one, and when it is asked to stop: then the checkpoint adds the epoch's row order, the position in it
+and the epoch's running sums, so a crash or a stop mid-epoch on a large dataset loses minutes, not the epoch,
+and the resumed run still ends bit for bit where an unbroken one does. (A data-parallel run checkpoints per
+epoch only: its processes would have to agree on the step first.)
 
 The same loop runs each process of a data-parallel run (`replicas`, started by data_parallel.py): each
 trains on its share of every global batch under DistributedDataParallel, and rank 0 alone writes checkpoints
@@ -32,6 +37,7 @@ from worker.distill.losses import METHODS, LossFn, hard_label_ce
 from worker.distill.replicas import SINGLE, Replicas, StopPoll
 
 STOP_CHECK_SECONDS = 5.0  # how often a running epoch asks `stop()`; the service's hook may query a database
+CHECKPOINT_SECONDS = 300.0  # at most this much work is lost to a crash mid-epoch (one process)
 EVAL_BATCH = 1024
 
 
@@ -153,11 +159,13 @@ def train(
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "metric": None, "state": None}
     start_epoch, resumed_from = 0, None
+    within: dict[str, Any] | None = None  # the epoch in progress when the checkpoint was taken, if any
     checkpoint = load_latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
     if checkpoint is not None and checkpoint.get("run") == run:
         state.restore(checkpoint, replicas.rank)
         history, best = checkpoint["history"], checkpoint["best"]
         start_epoch = resumed_from = checkpoint["epoch"]
+        within = checkpoint.get("within")
     # A checkpoint from other settings belongs to another run: start over (and overwrite it as we go).
     model = replicas.wrap(student, device)  # after the restore: rank 0's weights are broadcast
 
@@ -166,18 +174,28 @@ def train(
     )
     metric_name = _metric_name(val)
     polls = StopPoll(stop, replicas, STOP_CHECK_SECONDS)
+    # Mid-epoch checkpoints: one process only (see the module docstring).
+    every = (config.checkpoint_every_steps or 0) if ckpt_dir is not None and replicas.world == 1 else None
+    last_saved = time.perf_counter()
     for epoch in range(start_epoch + 1, epochs + 1):
         epoch_started = time.perf_counter()
         student.train()
-        perm = torch.randperm(n, generator=order)
-        perm = perm.to(device) if on_device else perm
         # Running sums and predictions stay on the device, a few ops per step: a .item() per step would
         # stall a GPU, and on CPU each extra small op costs as much as a sizeable share of the loss.
         seen = min(n, steps_per_epoch * batch_size)
-        predicted = torch.full((seen,), -2, dtype=torch.long, device=device)  # -2: another process's row
         part_names: list[str] = []
         sums = torch.zeros(0)
-        for step in range(steps_per_epoch):
+        first = 0
+        if within is not None:  # the checkpoint's epoch: its order, its position, its running sums
+            perm, first, part_names = within["perm"], within["position"], within["part_names"]
+            predicted, sums = within["predicted"].to(device), within["sums"].to(device)
+            within = None
+        else:
+            perm = torch.randperm(n, generator=order)
+            predicted = torch.full((seen,), -2, dtype=torch.long, device=device)  # -2: another process's row
+        perm = perm.to(device) if on_device else perm
+
+        for step in range(first, steps_per_epoch):
             batch = perm[step * batch_size : (step + 1) * batch_size]
             index, share = replicas.shard(batch)  # this process's rows; all of them alone (share 1.0)
             xb, yb, tb = x[index], y[index], (None if targets is None else targets[index])
@@ -210,8 +228,23 @@ def train(
             sums += values if share == 1.0 else values * share
             mine = slice(step * batch_size + replicas.rank, step * batch_size + len(batch), replicas.world)
             predicted[mine] = logits.detach().argmax(-1)
-            if polls.after_step():
-                raise Stopped(epoch - 1)  # this epoch is lost; the last checkpoint is exact
+            stopping = polls.after_step()
+            taken = step + 1
+            if every is not None and taken < steps_per_epoch:
+                due = (every and taken % every == 0) or time.perf_counter() - last_saved > CHECKPOINT_SECONDS
+                if (due or stopping) and ckpt_dir is not None:
+                    snapshot = state.checkpoint(epoch - 1, run, best, history, config, [capture_rng(order)])
+                    snapshot["within"] = {
+                        "position": taken,  # steps of epoch `epoch` taken, in `perm` order
+                        "perm": perm.cpu(),
+                        "predicted": predicted.cpu(),
+                        "sums": sums.cpu(),
+                        "part_names": part_names,
+                    }
+                    save_checkpoint(ckpt_dir, epoch - 1, snapshot)
+                    last_saved = time.perf_counter()
+            if stopping:
+                raise Stopped(epoch - 1)  # the last checkpoint is exact: this epoch's steps so far, or none
 
         record: dict[str, Any] = {"epoch": epoch}
         means = replicas.total(sums) / (steps_per_epoch * replicas.world)  # of the global batches' losses
@@ -235,6 +268,7 @@ def train(
             if replicas.writes:
                 snapshot = state.checkpoint(epoch, run, best, history, config, random_states)
                 save_checkpoint(ckpt_dir, epoch, snapshot)
+                last_saved = time.perf_counter()
         if on_epoch is not None:
             on_epoch(dict(record))
         if epoch < epochs and polls.now():
