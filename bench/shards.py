@@ -121,10 +121,15 @@ def lm_workload(root: Path, tokens: int, tasks: int = 4, shard_rows: int = 8) ->
     tokenizer = lm_pipeline.load_job_teacher(lm.make_work(root / "tok", gguf), "cpu").tokenizer
     names = [n for n in lm.NOVELS if n != lm.HELD_OUT][:4]
     dataset = root / "inputs" / "austen.jsonl"
-    docs = [lm.cut(lm.novel_text(novels[n]), tokenizer, tokens // len(names)) for n in names]
-    lm.write_jsonl(dataset, docs)
-    data = load_text_dataset(dataset, tokenizer, max_length=lm.LENGTH, val_fraction=0.0, seed=0)
-    windows = len(data.split("train"))
+    unit = tasks * shard_rows  # windows, so that every task gets as many
+    for _ in range(4):  # trim the corpus until the windows split evenly (packing adds a token per document)
+        docs = [lm.cut(lm.novel_text(novels[n]), tokenizer, tokens // len(names)) for n in names]
+        lm.write_jsonl(dataset, docs)
+        data = load_text_dataset(dataset, tokenizer, max_length=lm.LENGTH, val_fraction=0.0, seed=0)
+        windows = len(data.split("train"))
+        if windows % unit == 0 or windows < unit:
+            break
+        tokens -= (windows % unit) * lm.LENGTH - len(names)
     task_rows = math.ceil(windows / tasks / shard_rows) * shard_rows
     config = {"epochs": 1, "max_length": lm.LENGTH, "val_fraction": 0.0, "shard_rows": shard_rows}
     return Workload(
