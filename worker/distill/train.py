@@ -189,6 +189,7 @@ def train(
         if within is not None:  # the checkpoint's epoch: its order, its position, its running sums
             perm, first, part_names = within["perm"], within["position"], within["part_names"]
             predicted, sums = within["predicted"].to(device), within["sums"].to(device)
+            epoch_started -= float(within.get("seconds", 0.0))  # the epoch's time before the checkpoint
             within = None
         else:
             perm = torch.randperm(n, generator=order)
@@ -240,6 +241,7 @@ def train(
                         "predicted": predicted.cpu(),
                         "sums": sums.cpu(),
                         "part_names": part_names,
+                        "seconds": time.perf_counter() - epoch_started,
                     }
                     save_checkpoint(ckpt_dir, epoch - 1, snapshot)
                     last_saved = time.perf_counter()
