@@ -366,3 +366,44 @@ def test_holdout_of_an_unlabelled_set_is_random() -> None:
     ds = Dataset(x=np.arange(50, dtype=np.float32)[:, None])
     split = split_validation(ds, 0.2, seed=1)
     assert len(split.x_val) == 10 and len(split) == 40 and split.y_val.tolist() == [-1] * 10
+
+
+def _webdataset(tmp_path: Path, samples: dict[str, tuple[str, bytes | None]]) -> Path:
+    """A WebDataset shard tar: for each key an image (`ext`) and, when given, `key.cls`."""
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, (key, (ext, cls)) in enumerate(samples.items()):
+            image = tmp_path / f"img-{i}.{ext}"
+            Image.fromarray(np.full((6, 5), 10 * i, np.uint8)).save(image)
+            tar.add(image, arcname=f"{key}.{ext}")
+            if cls is not None:
+                label = tmp_path / f"img-{i}.cls"
+                label.write_bytes(cls)
+                tar.add(label, arcname=f"{key}.cls")
+    return shard
+
+
+def test_a_webdataset_shard_pairs_each_image_with_its_cls(tmp_path: Path) -> None:
+    samples = {"s/000002": ("png", b"1\n"), "s/000001": ("webp", b"0"), "s/000003": ("jpg", None)}
+    ds = load_dataset(_webdataset(tmp_path, samples), DistillConfig())
+    # Key order; no .cls: unlabelled. WebP has no greyscale mode, so the set reads as RGB.
+    assert ds.x.shape == (3, 3, 6, 5) and ds.y.tolist() == [0, 1, -1]
+    assert ds.x[1, 0, 0, 0] == 0.0 and abs(float(ds.x[0, 0, 0, 0]) - 10.0) <= 2  # webp and jpg are lossy
+
+
+@pytest.mark.parametrize(
+    "samples, message",
+    [
+        ({"a": ("png", b"cat")}, "class index"),
+        ({"a": ("png", b"0"), "b": ("cls", None)}, "no image"),
+    ],
+)
+def test_webdataset_label_problems_name_the_sample(tmp_path: Path, samples, message) -> None:
+    shard = _webdataset(tmp_path, {k: v for k, v in samples.items() if v[0] != "cls"})
+    if "b" in samples:  # a .cls with no image beside it
+        with tarfile.open(shard, "a") as tar:
+            (tmp_path / "orphan.cls").write_bytes(b"1")
+            tar.add(tmp_path / "orphan.cls", arcname="b.cls")
+    with pytest.raises(DatasetError) as info:
+        load_dataset(shard, DistillConfig())
+    assert info.value.code == "bad_labels" and message in info.value.message

@@ -23,7 +23,8 @@ from worker.distill.errors import DatasetError, MismatchError
 
 ACCEPTED = (
     "NPZ (x, y, x_val, y_val), CSV or Parquet (feature columns + label column), a zip/tar of "
-    "class_name/*.png|jpg folders, or IDX files (MNIST format: a folder, an images file, or a zip/tar)"
+    "class_name/*.png|jpg|webp folders, a WebDataset shard (key.jpg + key.cls), or IDX files (MNIST format: "
+    "a folder, an images file, or a zip/tar)"
 )
 
 
@@ -148,6 +149,8 @@ def _load(path: Path, config: DistillConfig, *, nested: bool) -> Dataset:
 def _load_folder(root: Path, config: DistillConfig, *, nested: bool) -> Dataset:
     if formats.find_idx_images(root):
         return Dataset(**formats.read_idx_dir(root))
+    if formats.find_webdataset(root):
+        return Dataset(**formats.read_webdataset(root))
     files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
     lone = files[0] if len(files) == 1 and files[0].suffix.lower() not in formats.IMAGE_SUFFIXES else None
     if lone is not None:  # e.g. a zipped CSV; one level only, never an archive inside an archive

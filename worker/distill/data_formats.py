@@ -26,7 +26,7 @@ from worker.distill.errors import DatasetError
 
 MAX_ARRAY_BYTES = MAX_DECODED_BYTES  # what one decoded array may take in memory
 IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 IDX_NAME = re.compile(r"^(?P<prefix>.*?)[-_.]?(?P<kind>images|labels)[-_.]idx(?P<ndim>\d)-ubyte(\.gz)?$")
 VAL_SPLIT_NAMES = ("val", "valid", "validation", "test")
 Fields = dict[str, Any]
@@ -279,8 +279,6 @@ def _unwrap(root: Path) -> Path:
 
 
 def _read_split(root: Path, names: list[str] | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from PIL import Image
-
     items: list[tuple[Path, str | None]] = [(p, None) for p in sorted(root.iterdir()) if _is_image(p)]
     for folder in _subdirs(root):
         items += [(p, folder.name) for p in sorted(folder.rglob("*")) if _is_image(p)]
@@ -299,13 +297,64 @@ def _read_split(root: Path, names: list[str] | None) -> tuple[np.ndarray, np.nda
     names = found if names is None else names
     index = {name: i for i, name in enumerate(names)}
     y = np.array([index[c] if c is not None else -1 for _, c in items], np.int64)
+    return _decode_images(root, [p for p, _ in items]), y, names
+
+
+def find_webdataset(root: Path) -> bool:
+    """WebDataset's layout: samples as `key.<ext>` files side by side, a `key.cls` holding each label."""
+    return any(p.suffix.lower() == ".cls" for p in _visible_files(root))
+
+
+def read_webdataset(root: Path) -> Fields:
+    """A WebDataset shard (`key.jpg|png|webp` + `key.cls`, the class index as text; the key is the path up to
+    the first dot of the file name): one row per image, in key order; an image without `.cls` is unlabelled,
+    a `.cls` without an image or with anything but an integer is an error naming the key."""
+    samples: dict[str, dict[str, Path]] = {}
+    for path in _visible_files(root):
+        rel = path.relative_to(root).as_posix()
+        folder, _, name = rel.rpartition("/")
+        stem, dot, ext = name.partition(".")
+        if not dot:
+            continue
+        samples.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = path
+    images, labels = [], []
+    for key in sorted(samples):
+        members = samples[key]
+        image = next((members[e] for e in sorted(members) if f".{e}" in IMAGE_SUFFIXES), None)
+        label = members.get("cls")
+        if image is None:
+            if label is not None:
+                raise DatasetError(f"sample {key!r} has a .cls but no image", code="bad_labels", field="y")
+            continue
+        value = -1
+        if label is not None:
+            text = label.read_bytes()[:32].decode("ascii", "replace").strip()
+            if not text.isdigit():
+                raise DatasetError(
+                    f"sample {key!r}: {label.name} must hold a class index (0, 1, ...), not {text[:20]!r}",
+                    code="bad_labels",
+                    field="y",
+                )
+            value = int(text)
+        images.append(image)
+        labels.append(value)
+    if not images:
+        raise DatasetError(
+            "no key.jpg/png/webp samples in this WebDataset shard", code="empty_dataset", field="x"
+        )
+    return {"x": _decode_images(root, images), "y": np.array(labels, np.int64)}
+
+
+def _decode_images(root: Path, paths: list[Path]) -> np.ndarray:
+    """Every image as float32 (N, C, H, W), C 1 when all are greyscale else 3; all must share one size."""
+    from PIL import Image
 
     def where(p: Path) -> str:
         return p.relative_to(root).as_posix()
 
     first: tuple[Path, tuple[int, int]] | None = None
     modes = set()
-    for path, _ in items:  # headers only: cheap, and a size mismatch is found before decoding anything
+    for path in paths:  # headers only: cheap, and a size mismatch is found before decoding anything
         try:
             with Image.open(path) as im:
                 size, mode = im.size, im.mode
@@ -326,12 +375,12 @@ def _read_split(root: Path, names: list[str] | None) -> tuple[np.ndarray, np.nda
     assert first is not None
     (width, height), mode = first[1], ("L" if modes <= GREY_MODES else "RGB")
     channels = 1 if mode == "L" else 3
-    if len(items) * channels * height * width * 4 > MAX_ARRAY_BYTES:
+    if len(paths) * channels * height * width * 4 > MAX_ARRAY_BYTES:
         raise DatasetError(
-            f"{len(items)} images of {width}x{height} exceed the memory cap", code="dataset_too_large"
+            f"{len(paths)} images of {width}x{height} exceed the memory cap", code="dataset_too_large"
         )
-    x = np.empty((len(items), channels, height, width), np.float32)
-    for i, (path, _) in enumerate(items):
+    x = np.empty((len(paths), channels, height, width), np.float32)
+    for i, path in enumerate(paths):
         try:
             with Image.open(path) as im:
                 pixels = np.asarray(im.convert(mode), dtype=np.float32)
@@ -340,4 +389,4 @@ def _read_split(root: Path, names: list[str] | None) -> tuple[np.ndarray, np.nda
                 f"cannot decode image {where(path)}: {exc}", code="bad_image", field="x"
             ) from None
         x[i] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
-    return x, y, names
+    return x
