@@ -9,8 +9,11 @@ afterwards finds every shard vouched for, writes the manifest and removes the pa
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 SPLITS = ("train", "val")
 PARTS = "parts"
@@ -50,3 +53,26 @@ def shard_indices(start: int, end: int, shard_size: int) -> range:
     if start < 0 or end <= start or start % shard_size:
         raise ValueError(f"rows {start}-{end} are not a range of whole shards of {shard_size} rows")
     return range(start // shard_size, math.ceil(end / shard_size))
+
+
+def read_parts(out_dir: Path, split: str) -> list[dict[str, Any]]:
+    """The part files the tasks of a split stage wrote for `split`, in shard order; a damaged one vouches
+    for nothing (its shards are labelled again)."""
+    parts = []
+    for path in sorted((Path(out_dir) / PARTS).glob(f"{split}-*.json")):
+        try:
+            part = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if isinstance(part, dict):
+            parts.append(part)
+    return parts
+
+
+def drop_parts(out_dir: Path, split: str) -> None:
+    """The manifest vouches for the whole split now: its parts go (and their folder, once empty)."""
+    folder = Path(out_dir) / PARTS
+    for path in folder.glob(f"{split}-*.json"):
+        path.unlink()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()

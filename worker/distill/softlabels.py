@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from worker.distill.errors import ConfigError, DatasetError, DistillError, MismatchError, describe_dim
-from worker.distill.shard_plan import PARTS, part_name, shard_name
+from worker.distill.shard_plan import drop_parts, part_name, read_parts, shard_name
 
 MANIFEST = "manifest.json"
 _TAIL_FLOOR = 80.0  # exp(-80) ~ 1e-35: no probability mass, still a finite fp32 logit
@@ -245,7 +245,7 @@ def soft_label_stage(
     if y is not None and bool((np.asarray(y) >= 0).any()):
         info["teacher_accuracy"] = _teacher_accuracy(out_dir, split, manifest, np.asarray(y))
     _write_json_atomic(out_dir / MANIFEST, manifest)
-    _drop_parts(out_dir, split)
+    drop_parts(out_dir, split)
     return manifest
 
 
@@ -254,24 +254,13 @@ def _vouched(out_dir: Path, identity: dict[str, Any], split: str, rows: int) -> 
     parts that tasks of a split stage wrote; each record only if it was written for the same inputs and
     settings (`identity`) and as many rows. `_shard_ok` still checks each file against its sha256."""
     manifest = read_manifest(out_dir) or {}
-    records = [{**manifest, **manifest.get("splits", {}).get(split, {})}]
-    for path in sorted((out_dir / PARTS).glob(f"{split}-*.json")):
-        part = json.loads(path.read_text())
-        records.append(part if isinstance(part, dict) else {})
+    records = [{**manifest, **manifest.get("splits", {}).get(split, {})}, *read_parts(out_dir, split)]
     vouched: dict[str, dict[str, Any]] = {}
     for record in records:
         if record.get("rows") == rows and all(record.get(k) == v for k, v in identity.items()):
             vouched.update((entry["name"], entry) for entry in record.get("shards", []))
     return vouched
 
-
-def _drop_parts(out_dir: Path, split: str) -> None:
-    """The manifest vouches for the whole split now: its parts go (and their folder, once empty)."""
-    folder = out_dir / PARTS
-    for path in folder.glob(f"{split}-*.json"):
-        path.unlink()
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
 
 
 def _write_shard(out_dir: Path, name: str, arrays: dict[str, np.ndarray], rows: int) -> dict[str, Any]:

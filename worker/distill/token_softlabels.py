@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from worker.distill.errors import ConfigError, DatasetError, DistillError, MismatchError, describe_shape
-from worker.distill.shard_plan import PARTS, part_name, shard_name
+from worker.distill.shard_plan import drop_parts, part_name, read_parts, shard_name
 from worker.distill.text_data import TokenData
 from worker.distill.token_targets import KINDS, SparseTargets, sampled_targets, topk_targets
 
@@ -166,7 +166,7 @@ def token_soft_label_stage(
         if stale.name not in kept:
             stale.unlink()
     _write_json_atomic(out_dir / MANIFEST, manifest)
-    _drop_parts(out_dir, split)
+    drop_parts(out_dir, split)
     return manifest
 
 
@@ -176,13 +176,7 @@ def _vouched(
     """Every shard of `split` a record on disk vouches for, by name, and the vocabulary they were made with:
     the manifest's (already checked against `identity`) and the parts that tasks of a split stage wrote,
     each only if made for the same inputs, settings and windows. `_shard_ok` still checks each file."""
-    records = [{**manifest, **manifest.get("splits", {}).get(split, {})}]
-    for path in sorted((out_dir / PARTS).glob(f"{split}-*.json")):
-        try:
-            part = json.loads(path.read_text())
-        except ValueError:
-            continue  # a damaged part vouches for nothing: its shards are labelled again
-        records.append(part if isinstance(part, dict) else {})
+    records = [{**manifest, **manifest.get("splits", {}).get(split, {})}, *read_parts(out_dir, split)]
     vouched: dict[str, dict[str, Any]] = {}
     vocab: int | None = None
     for record in records:
@@ -192,14 +186,6 @@ def _vouched(
             vocab = vocab or record.get("vocab_size")
     return vouched, vocab
 
-
-def _drop_parts(out_dir: Path, split: str) -> None:
-    """The manifest vouches for the whole split now: its parts go (and their folder, once empty)."""
-    folder = out_dir / PARTS
-    for path in folder.glob(f"{split}-*.json"):
-        path.unlink()
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
 
 
 def _label_rows(

@@ -21,11 +21,15 @@ SHARD_ROWS = "_shard_rows"  # {"split": str, "start": int, "end": int}
 SPLIT_ROWS = "split_rows"  # the soft_label step's answer when the stage is to be split: rows per split
 
 
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The job's settings, without what a task adds for its steps."""
+    return {k: v for k, v in config.items() if k not in (SHARD_TASK_ROWS, SHARD_ROWS)}
+
+
 def _config(config: dict[str, Any]) -> Any:
     from worker.distill.config import DistillConfig
 
-    settings = {k: v for k, v in config.items() if k not in (SHARD_TASK_ROWS, SHARD_ROWS)}
-    return DistillConfig.from_dict(settings)
+    return DistillConfig.from_dict(_settings(config))
 
 
 def preflight_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
@@ -136,7 +140,7 @@ def partial_student_step(work: Path, config: dict[str, Any], on_progress: OnProg
 def _lm_config(config: dict[str, Any]) -> Any:
     from worker.distill.lm_config import LMConfig
 
-    return LMConfig.from_dict({k: v for k, v in config.items() if k not in (SHARD_TASK_ROWS, SHARD_ROWS)})
+    return LMConfig.from_dict(_settings(config))
 
 
 def lm_preflight_step(work: Path, config: dict[str, Any], on_progress: OnProgress) -> Any:
