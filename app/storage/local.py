@@ -16,6 +16,10 @@ class LocalStorage(Storage):
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        # Writes in progress live here, outside every key's folder: a writer killed mid-object leaves its
+        # temporary file where no listing or reader of objects looks. Same filesystem: the rename is atomic.
+        self.tmp = self.root / ".tmp"
+        self.tmp.mkdir(exist_ok=True)
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -35,8 +39,7 @@ class LocalStorage(Storage):
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         hasher = SizeLimitedHasher(max_bytes)
-        # Same directory as the target, so the final rename is atomic and a crash leaves no half object.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=f"{path.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as fh:
                 for chunk in chunks:
