@@ -150,6 +150,7 @@ class DistillConfigSchema(BaseModel):
     text_column: str = Field(default="text", min_length=1, max_length=200)
     max_length: int = Field(default=128, ge=1, le=MAX_TEXT_LENGTH)
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    streaming: Literal["auto", "always", "never"] = "auto"
     preprocess: PreprocessSchema = Field(default_factory=PreprocessSchema)
     augment: AugmentSchema | None = None
     views: int = Field(default=1, ge=1, le=MAX_VIEWS)

@@ -66,6 +66,9 @@ class Preprocess:
     std: list[float] = field(default_factory=lambda: [1.0])
 
 
+STREAMING = ("auto", "always", "never")
+
+
 @dataclass
 class DistillConfig:
     # Teacher: "auto" detects TorchScript / ONNX / safetensors / state dict from the file's bytes.
@@ -77,6 +80,9 @@ class DistillConfig:
     text_column: str = "text"
     max_length: int = 128
     val_fraction: float = 0.1  # seeded stratified holdout when the dataset brings no validation split
+    # Image datasets (zip, uncompressed tar, folder, WebDataset shards) decoded a batch at a time instead of
+    # whole (image_stream.py): "auto" above image_stream.STREAM_ABOVE_BYTES of decoded rows, or always, never.
+    streaming: str = "auto"
     preprocess: Preprocess = field(default_factory=Preprocess)
     # Image training augmentation (augment.py), and the augmented views of every training image whose teacher
     # logits the soft-label stage stores (FKD): epoch e trains on view (e - 1) % views. None / 1: neither.
@@ -145,6 +151,7 @@ class DistillConfig:
             "name the method they belong to (method 'auto' takes each method's defaults)",
         )
         need(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        need(self.streaming in STREAMING, "streaming", f"one of {STREAMING}")
         need(self.epochs >= 1, "epochs", "must be >= 1")
         Augment.from_config(self.augment)  # ConfigError(field="augment") names what is wrong
         need(1 <= self.views <= MAX_VIEWS, "views", f"must be in 1..{MAX_VIEWS}")

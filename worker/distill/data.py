@@ -233,6 +233,11 @@ def _check_split(x: object, y: object, fx: str, fy: str, num_classes: int | None
             code="non_finite",
             field=fx,
         )
+    validate_labels(y, fy, num_classes)
+
+
+def validate_labels(y: np.ndarray, fy: str, num_classes: int | None) -> None:
+    """Labels are 0..C-1 (C the teacher's classes when known), or -1 for an unlabelled row."""
     low = np.flatnonzero(y < -1)
     if low.size:
         raise DatasetError(
@@ -259,21 +264,27 @@ def split_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
     """
     if dataset.x_val is not None or fraction <= 0:
         return dataset
-    if not 0 < fraction < 1:
-        raise DatasetError(f"validation fraction must be in (0, 1), got {fraction}", field="val_fraction")
-    rng = np.random.default_rng(seed)
-    labelled = np.flatnonzero(dataset.y >= 0)
-    by_class = len(labelled) >= 2
-    pool = labelled if by_class else np.arange(len(dataset))
-    if len(pool) < 2:
-        raise DatasetError("too few rows to hold out a validation split", code="empty_dataset", field="x")
-    val = _stratified(dataset.y[pool], fraction, rng) if by_class else _random(len(pool), fraction, rng)
-    val_rows = np.sort(pool[val])
+    val_rows = holdout_rows(dataset.y, fraction, seed)
     keep = np.ones(len(dataset), bool)
     keep[val_rows] = False
     return dataclasses.replace(
         dataset, x=dataset.x[keep], y=dataset.y[keep], x_val=dataset.x[val_rows], y_val=dataset.y[val_rows]
     )
+
+
+def holdout_rows(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The rows (sorted) that `split_validation` holds out of a dataset labelled `y`: the same rows whether
+    the dataset is in memory or streams."""
+    if not 0 < fraction < 1:
+        raise DatasetError(f"validation fraction must be in (0, 1), got {fraction}", field="val_fraction")
+    rng = np.random.default_rng(seed)
+    labelled = np.flatnonzero(y >= 0)
+    by_class = len(labelled) >= 2
+    pool = labelled if by_class else np.arange(len(y))
+    if len(pool) < 2:
+        raise DatasetError("too few rows to hold out a validation split", code="empty_dataset", field="x")
+    val = _stratified(y[pool], fraction, rng) if by_class else _random(len(pool), fraction, rng)
+    return np.sort(pool[val])
 
 
 def _holdout_size(n: int, fraction: float) -> int:

@@ -9,6 +9,7 @@ and input files (each file's size, mtime and inode: a replaced or rewritten file
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,9 +24,16 @@ from torch import nn
 
 from worker.distill.augment import VIEW_PARAMS, view_params_name, view_split
 from worker.distill.config import DistillConfig
-from worker.distill.data import load_dataset, split_validation, validate_dataset
-from worker.distill.errors import ConfigError, DatasetError, DistillError, TeacherError
+from worker.distill.data import (
+    holdout_rows,
+    load_dataset,
+    split_validation,
+    validate_dataset,
+    validate_labels,
+)
+from worker.distill.errors import ConfigError, DatasetError, DistillError, MismatchError, TeacherError
 from worker.distill.evaluate import count_parameters
+from worker.distill.image_stream import ImageStream, StreamedData, open_image_stream, should_stream
 from worker.distill.preprocess import PreprocessModule
 from worker.distill.softlabels import load_soft_labels, read_manifest, sha256_file
 from worker.distill.students import build_student, load_student_init
@@ -62,9 +70,9 @@ class Loaded:
     teacher_sha256: str
     dataset_sha256: str
     preprocess: PreprocessModule
-    x: torch.Tensor
+    x: torch.Tensor | ImageStream  # a stream: rows read a batch at a time (image_stream.py)
     y: torch.Tensor
-    x_val: torch.Tensor | None
+    x_val: torch.Tensor | ImageStream | None
     y_val: torch.Tensor | None
     raw_sample: torch.Tensor  # up to 256 rows as given (validation first): latency and export checks
     input_shape: tuple[int, ...]
@@ -167,7 +175,12 @@ def _load(work: Work, config: DistillConfig) -> tuple[Loaded, nn.Module]:
             "in one archive) and a dataset with a text column",
             field="student",
         )
-    data = load_dataset(dataset_paths[0], config, val_path=val_paths[0] if val_paths else None)
+    val_path = val_paths[0] if val_paths else None
+    if should_stream(dataset_paths[0], val_path, config.streaming):
+        streamed = open_image_stream(dataset_paths[0], val_path=val_path)
+        if streamed is not None:
+            return _load_streamed(work, config, teacher_paths, dataset_paths + val_paths, streamed)
+    data = load_dataset(dataset_paths[0], config, val_path=val_path)
     teacher = load_teacher(teacher_paths, config, input_shape=data.feature_shape)
     data = split_validation(data, config.val_fraction, config.seed)
     pre = PreprocessModule.from_config(config.preprocess)
@@ -200,6 +213,55 @@ def _load(work: Work, config: DistillConfig) -> tuple[Loaded, nn.Module]:
     )
     student = new_student(loaded, config)
     check_compatible(teacher, student, x[:2])
+    return loaded, student
+
+
+def _load_streamed(
+    work: Work, config: DistillConfig, teacher_paths: list[Path], files: list[Path], data: StreamedData
+) -> tuple[Loaded, nn.Module]:
+    """An image dataset read a batch at a time (image_stream.py): the same checks, split and preprocessing
+    as the in-memory path, on an index instead of decoded rows."""
+    teacher = load_teacher(teacher_paths, config, input_shape=data.feature_shape)
+    if data.x_val is None and config.val_fraction > 0:
+        val_rows = holdout_rows(data.y, config.val_fraction, config.seed)
+        keep = np.ones(len(data.y), bool)
+        keep[val_rows] = False
+        train_rows = np.flatnonzero(keep)
+        data = dataclasses.replace(
+            data, x=data.x[train_rows], y=data.y[train_rows], x_val=data.x[val_rows], y_val=data.y[val_rows]
+        )
+    pre = PreprocessModule.from_config(config.preprocess)
+    x = data.x.with_transform(pre)
+    first = x.decode(slice(0, 2))
+    num_classes = int(teacher.checked_logits(first).shape[1])
+    validate_labels(data.y, "y", num_classes)
+    if data.y_val is not None:
+        validate_labels(data.y_val, "y_val", num_classes)
+    if data.class_names and len(data.class_names) != num_classes:
+        raise MismatchError(
+            f"the dataset names {len(data.class_names)} classes but the teacher outputs {num_classes}",
+            code="class_count_mismatch",
+            field="y",
+        )
+    init = work.input_files("student_init")
+    loaded = Loaded(
+        teacher=teacher,
+        teacher_paths=teacher_paths,
+        teacher_sha256=teacher.sha256,
+        dataset_sha256=_views_digest(_digest(files), config),
+        preprocess=pre,
+        x=x,
+        y=torch.from_numpy(data.y),
+        x_val=None if data.x_val is None else data.x_val.with_transform(pre),
+        y_val=None if data.y_val is None else torch.from_numpy(data.y_val),
+        raw_sample=(data.x if data.x_val is None else data.x_val).raw(slice(0, RAW_SAMPLE)),
+        input_shape=data.feature_shape,
+        num_classes=num_classes,
+        class_names=data.class_names,
+        student_init=init[0] if init else None,
+    )
+    student = new_student(loaded, config)
+    check_compatible(teacher, student, first)
     return loaded, student
 
 

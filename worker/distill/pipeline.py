@@ -27,6 +27,7 @@ from worker.distill.augment import Augment, apply_views, view_params_name, view_
 from worker.distill.config import DistillConfig
 from worker.distill.distill_stage import distill
 from worker.distill.errors import DistillError
+from worker.distill.image_stream import ImageStream
 from worker.distill.inputs import Loaded, load_inputs
 from worker.distill.outputs import evaluate, export, report_path
 from worker.distill.progress import Progress, emit
@@ -106,7 +107,11 @@ def _views(w: Work, loaded: Loaded, config: DistillConfig) -> dict[str, torch.Te
     return views
 
 
-def _augmented(x: torch.Tensor, params: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def _augmented(
+    x: torch.Tensor | ImageStream, params: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor | ImageStream:
+    if isinstance(x, ImageStream):  # each batch is cropped and flipped as it is read
+        return x.with_views(params)
     with torch.no_grad():
         parts = [apply_views(x[i : i + chunk], params[i : i + chunk]) for i in range(0, len(x), chunk)]
     return torch.cat(parts)
@@ -164,11 +169,17 @@ def _stage_settings(loaded: Loaded, config: DistillConfig, device: torch.device)
         "fmt": config.soft_label_format,
         "k": config.topk,
         "shard_size": config.shard_size,
-        "batch_size": SOFT_LABEL_BATCH if loaded.text is None else TEXT_SOFT_LABEL_BATCH,
+        "batch_size": _batch_rows(loaded),
         "device": device,
         "teacher_sha256": loaded.teacher_sha256,
         "dataset_sha256": loaded.dataset_sha256,
     }
+
+
+def _batch_rows(loaded: Loaded) -> int:
+    if loaded.text is not None:
+        return TEXT_SOFT_LABEL_BATCH
+    return loaded.x.batch_rows(SOFT_LABEL_BATCH) if isinstance(loaded.x, ImageStream) else SOFT_LABEL_BATCH
 
 
 @contextlib.contextmanager

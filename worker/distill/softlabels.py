@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -138,9 +138,18 @@ def _same_classes(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     return logits
 
 
+@runtime_checkable
+class BatchSource(Protocol):
+    """Rows read a batch at a time (image_stream.ImageStream): one tensor per list of rows, in order."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, lists: Sequence[range]) -> Iterator[torch.Tensor]: ...
+
+
 def soft_label_stage(
     teacher: HasLogits | LogitsFn,
-    x: np.ndarray | torch.Tensor,
+    x: np.ndarray | torch.Tensor | BatchSource,
     out_dir: Path,
     *,
     split: str = "train",
@@ -158,7 +167,9 @@ def soft_label_stage(
     """Write `{split}-{i:05d}.npz` shards of the teacher's logits on `x` (N, *features); update the manifest.
 
     `teacher` is a `Teacher` (its `.logits`) or any callable (B, *features) -> (B, C) on the input as given
-    (preprocessing is the caller's). `y` (N,) int with -1 for unlabelled rows gives the teacher's accuracy.
+    (preprocessing is the caller's). `x` may also be a `BatchSource`: each shard's rows are then read as
+    they are labelled, so the stage holds a few batches, never the split.
+    `y` (N,) int with -1 for unlabelled rows gives the teacher's accuracy.
     Returns the whole manifest. `shards`: only these shards of the split (one task of a stage split over
     workers), vouched for by their part file, which is returned instead; the manifest is left alone.
     """
@@ -167,9 +178,8 @@ def soft_label_stage(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    x_t = torch.as_tensor(x)
-    x_t = x_t if x_t.dtype == torch.int64 else x_t.float()  # int64: token ids of a text classifier
-    n = int(x_t.shape[0])
+    rows_of = _row_reader(x, batch_size)
+    n = len(x)
     if n == 0:
         raise DatasetError(f"split {split!r} has no rows to label")
     logits_of = _teacher_fn(teacher)
@@ -178,7 +188,7 @@ def soft_label_stage(
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             return logits_of(batch.to(device, non_blocking=True)).float()
 
-    num_classes = int(run(x_t[:1]).shape[1])
+    num_classes = int(run(next(rows_of(0, 1))).shape[1])
     k_eff = min(k, num_classes) if fmt == "topk" else None
     identity = {
         "teacher_sha256": teacher_sha256,
@@ -215,8 +225,7 @@ def soft_label_stage(
         entry = vouched.get(name)
         reused = entry is not None and _shard_ok(out_dir, entry, hi - lo)
         if entry is None or not reused:
-            starts = range(lo, hi, batch_size)
-            parts = [_same_classes(run(x_t[s : min(hi, s + batch_size)]), num_classes) for s in starts]
+            parts = [_same_classes(run(batch), num_classes) for batch in rows_of(lo, hi)]
             entry = _write_shard(out_dir, name, _encode(torch.cat(parts), fmt, k_eff or 0), hi - lo)
             entries.append(entry)
             _write_json_atomic(record_path, record)  # the shard is vouched for once it is complete
@@ -247,6 +256,26 @@ def soft_label_stage(
     _write_json_atomic(out_dir / MANIFEST, manifest)
     drop_parts(out_dir, split)
     return manifest
+
+
+def _row_reader(
+    x: np.ndarray | torch.Tensor | BatchSource, batch_size: int
+) -> Callable[[int, int], Iterator[torch.Tensor]]:
+    """rows [lo, hi) of `x`, as batches of at most `batch_size`."""
+    if isinstance(x, BatchSource) and not isinstance(x, (np.ndarray, torch.Tensor)):
+        source = x
+
+        def read(lo: int, hi: int) -> Iterator[torch.Tensor]:
+            return source.batches([range(s, min(hi, s + batch_size)) for s in range(lo, hi, batch_size)])
+
+        return read
+    x_t = torch.as_tensor(x)
+    x_t = x_t if x_t.dtype == torch.int64 else x_t.float()  # int64: token ids of a text classifier
+
+    def cut(lo: int, hi: int) -> Iterator[torch.Tensor]:
+        return (x_t[s : min(hi, s + batch_size)] for s in range(lo, hi, batch_size))
+
+    return cut
 
 
 def _vouched(out_dir: Path, identity: dict[str, Any], split: str, rows: int) -> dict[str, dict[str, Any]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from worker.distill.augment import apply_views
 from worker.distill.checkpoints import capture_rng, load_latest_checkpoint, restore_rng, save_checkpoint
 from worker.distill.config import DistillConfig
 from worker.distill.errors import ConfigError
+from worker.distill.image_stream import ImageStream
 from worker.distill.losses import METHODS, LossFn, hard_label_ce
 from worker.distill.replicas import SINGLE, Replicas, StopPoll
 
@@ -62,7 +63,7 @@ class TensorData:
     teacher_logits: (N, C) float32 or float16 for the same rows, or None; views: augmented views to train on
     instead of x (and their teacher logits instead of teacher_logits), or None."""
 
-    x: Tensor
+    x: Tensor | ImageStream  # a stream: rows read a batch at a time by loader processes (image_stream.py)
     y: Tensor
     teacher_logits: Tensor | None = None
     views: Views | None = None
@@ -135,8 +136,11 @@ def train(
     x, y, targets, views = rows.x, rows.y, rows.targets, rows.views
 
     # Hold everything on the device when it fits: indexing on-device beats any loader.
-    on_device = _fits_on(device, x, y, targets, *(() if views is None else (views.params, views.logits)))
-    if on_device:
+    # A stream's rows never are: its loader hands each batch over as it is read.
+    on_device = not isinstance(x, ImageStream) and _fits_on(
+        device, x, y, targets, *(() if views is None else (views.params, views.logits))
+    )
+    if on_device and isinstance(x, Tensor):
         x, y = x.to(device), y.to(device)
         targets = None if targets is None else targets.to(device)
         views = None if views is None else Views(views.params.to(device), views.logits.to(device))
@@ -195,11 +199,17 @@ def train(
             perm = torch.randperm(n, generator=order)
             predicted = torch.full((seen,), -2, dtype=torch.long, device=device)  # -2: another process's row
         perm = perm.to(device) if on_device else perm
+        streamed = None  # a stream: this epoch's remaining batches, read ahead by the loader's processes
+        if isinstance(x, ImageStream):
+            cut = [perm[s * batch_size : (s + 1) * batch_size] for s in range(first, steps_per_epoch)]
+            streamed = x.batches([replicas.shard(batch)[0] for batch in cut])
 
         for step in range(first, steps_per_epoch):
             batch = perm[step * batch_size : (step + 1) * batch_size]
             index, share = replicas.shard(batch)  # this process's rows; all of them alone (share 1.0)
-            xb, yb, tb = x[index], y[index], (None if targets is None else targets[index])
+            xb = next(streamed) if streamed is not None else x[index]
+            assert isinstance(xb, Tensor)
+            yb, tb = y[index], (None if targets is None else targets[index])
             if views is not None:  # this epoch's stored view of each row, and the teacher's logits on it
                 view = (epoch - 1) % len(views)
                 xb = apply_views(xb, views.params[view][index])
@@ -292,7 +302,7 @@ def train(
 class _Rows:
     """What one run trains on: all rows with the teacher's logits, or only the labelled rows without."""
 
-    x: Tensor
+    x: Tensor | ImageStream
     y: Tensor
     targets: Tensor | None  # the teacher's logits for these rows; None when training on labels alone
     temperature: float | None
@@ -389,10 +399,12 @@ def evaluate(
     x, labels = data.x[mine], data.y[mine]
     teacher = None if data.teacher_logits is None else data.teacher_logits[mine]
     correct = agree = n_labelled = 0
-    for start in range(0, len(labels), EVAL_BATCH):
-        rows = slice(start, start + EVAL_BATCH)
+    start = 0
+    for xb in _eval_batches(x, len(labels)):
+        rows = slice(start, start + len(xb))
+        start += len(xb)
         with autocast or contextlib.nullcontext():
-            predicted = student(x[rows].to(device)).argmax(-1).cpu()
+            predicted = student(xb.to(device)).argmax(-1).cpu()
         y = labels[rows].cpu()
         correct += int(((predicted == y) & (y >= 0)).sum())
         n_labelled += int((y >= 0).sum())
@@ -405,6 +417,14 @@ def evaluate(
         "val_acc": correct / n_labelled if n_labelled else None,
         "agreement": agree / len(data) if data.teacher_logits is not None and len(data) else None,
     }
+
+
+def _eval_batches(x: Tensor | ImageStream, n: int) -> Iterator[Tensor]:
+    """Rows 0..n of `x` in EVAL_BATCH batches: cut from a tensor, or read from a stream."""
+    if isinstance(x, ImageStream):
+        rows = x.batch_rows(EVAL_BATCH)
+        return x.batches([range(s, min(n, s + rows)) for s in range(0, n, rows)])
+    return (x[s : s + EVAL_BATCH] for s in range(0, n, EVAL_BATCH))
 
 
 # The config fields that change the trajectory, besides those _run_identity names itself.
@@ -488,7 +508,7 @@ def _fits_on(device: torch.device, *tensors: Tensor | None) -> bool:
 def _to_device(data: TensorData | None, device: torch.device) -> TensorData | None:
     if data is None or len(data) == 0:
         return None
-    if not _fits_on(device, data.x):
+    if isinstance(data.x, ImageStream) or not _fits_on(device, data.x):
         return data  # evaluate() moves each batch
     t = None if data.teacher_logits is None else data.teacher_logits.to(device)
     return TensorData(data.x.to(device), data.y.to(device), t)
