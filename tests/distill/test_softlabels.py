@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from worker.distill.softlabels import load_soft_labels, read_manifest, soft_label_stage
+from worker.distill.softlabels import (
+    SparseLogits,
+    load_soft_labels,
+    load_sparse_soft_labels,
+    read_manifest,
+    soft_label_stage,
+)
 
 torch.set_num_threads(1)
 C = 7
@@ -161,3 +167,18 @@ def test_a_task_resumes_from_its_part_and_a_part_for_other_inputs_vouches_for_no
     other = CountingTeacher()
     run(other, x, tmp_path, shards=range(0, 3), teacher_sha256="another teacher")
     assert other.rows == 1 + 3 * 16
+
+
+def test_sparse_topk_labels_are_the_dense_ones_row_for_row(tmp_path, data):
+    x, _ = data
+    run(CountingTeacher(), x, tmp_path, fmt="topk", k=3)
+    sparse = load_sparse_soft_labels(tmp_path, "train")
+    dense = load_soft_labels(tmp_path, "train")
+    assert isinstance(sparse, SparseLogits) and len(sparse) == len(x)
+    assert sparse.nbytes == len(x) * (3 * 2 + 3 * 4 + 4) < dense.numel() * dense.element_size()  # 22 vs 28 a row
+    assert torch.equal(sparse.dense(), dense)  # bit for bit: training sees the same targets
+    rows = torch.tensor([3, 0, 41])
+    assert torch.equal(sparse[rows].dense(), dense[rows])
+    assert torch.equal(sparse[rows].argmax(1), dense[rows].argmax(1))
+    run(CountingTeacher(), x, tmp_path / "full", fmt="full")
+    assert isinstance(load_sparse_soft_labels(tmp_path / "full", "train"), torch.Tensor)  # full stays dense

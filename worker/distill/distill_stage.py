@@ -25,7 +25,7 @@ from worker.distill.inputs import (
     fingerprint,
     load_inputs,
     new_student,
-    stored_soft_labels,
+    stored_targets,
     stored_views,
 )
 from worker.distill.progress import Progress, emit
@@ -107,11 +107,11 @@ def distill(
     ckpt = w.checkpoints
     # Soft labels first: without them nothing below may touch the checkpoints.
     train_data = TensorData(
-        loaded.x, loaded.y, stored_soft_labels(w, loaded, config, "train"), stored_views(w, loaded, config)
+        loaded.x, loaded.y, stored_targets(w, loaded, config, "train"), stored_views(w, loaded, config)
     )
     val_data = None
     if loaded.x_val is not None and loaded.y_val is not None:
-        val_data = TensorData(loaded.x_val, loaded.y_val, stored_soft_labels(w, loaded, config, "val"))
+        val_data = TensorData(loaded.x_val, loaded.y_val, stored_targets(w, loaded, config, "val"))
     record = _record_for(w, fingerprint(loaded, config))
     if record.done:
         return record.result()

@@ -35,13 +35,13 @@ from worker.distill.errors import ConfigError, DatasetError, DistillError, Misma
 from worker.distill.evaluate import count_parameters
 from worker.distill.image_stream import ImageStream, StreamedData, open_image_stream, should_stream
 from worker.distill.preprocess import PreprocessModule
-from worker.distill.softlabels import load_soft_labels, read_manifest, sha256_file
+from worker.distill.softlabels import load_soft_labels, load_sparse_soft_labels, read_manifest, sha256_file
 from worker.distill.students import build_student, load_student_init
 from worker.distill.teachers import Teacher, check_compatible, load_teacher
 from worker.distill.text_cls_data import TextStats, check_text_dataset, load_text_classification
 from worker.distill.text_students import TEXT_STUDENTS, build_text_student, is_text_student
 from worker.distill.text_teachers import TextTeacher, encode_texts, is_text_teacher, load_text_teachers
-from worker.distill.train import Views
+from worker.distill.train import Targets, Views
 from worker.distill.workfolder import SLOTS, Work
 
 RAW_SAMPLE = 256
@@ -400,6 +400,17 @@ def fingerprint(loaded: Loaded, config: DistillConfig) -> str:
 
 def stored_soft_labels(w: Work, loaded: Loaded, config: DistillConfig, split: str) -> torch.Tensor:
     """The teacher's stored logits (N, C) for `split`, if they were made from these inputs and settings."""
+    found = _stored(w, loaded, config, split, sparse=False)
+    assert isinstance(found, torch.Tensor)
+    return found
+
+
+def stored_targets(w: Work, loaded: Loaded, config: DistillConfig, split: str) -> Targets:
+    """The same logits as stored: top-k ones stay sparse (train.py makes each batch dense)."""
+    return _stored(w, loaded, config, split, sparse=True)
+
+
+def _stored(w: Work, loaded: Loaded, config: DistillConfig, split: str, *, sparse: bool) -> Targets:
     manifest = read_manifest(w.soft_labels)
     wanted: dict[str, Any] = {
         "teacher_sha256": loaded.teacher_sha256,
@@ -412,6 +423,8 @@ def stored_soft_labels(w: Work, loaded: Loaded, config: DistillConfig, split: st
         raise DistillError(
             "soft labels are missing or from other inputs: run soft_label first", code="soft_labels_missing"
         )
+    if sparse:
+        return load_sparse_soft_labels(w.soft_labels, split, manifest=manifest)
     return load_soft_labels(w.soft_labels, split, manifest=manifest)
 
 
@@ -420,7 +433,8 @@ def stored_views(w: Work, loaded: Loaded, config: DistillConfig) -> Views | None
     None without `augment`."""
     if config.augment is None:
         return None
-    params, logits = [], []
+    params: list[torch.Tensor] = []
+    logits: list[Targets] = []
     for view in range(config.views):
         path = w.soft_labels / view_params_name(view)
         found = np.load(path, allow_pickle=False) if path.is_file() else None
@@ -430,8 +444,8 @@ def stored_views(w: Work, loaded: Loaded, config: DistillConfig) -> Views | None
                 code="soft_labels_missing",
             )
         params.append(torch.from_numpy(found))
-        logits.append(stored_soft_labels(w, loaded, config, view_split(view)))
-    return Views(torch.stack(params), torch.stack(logits))
+        logits.append(stored_targets(w, loaded, config, view_split(view)))
+    return Views(torch.stack(params), logits)
 
 
 def load_weights(loaded: Loaded, config: DistillConfig, path: Path) -> nn.Module:

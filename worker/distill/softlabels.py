@@ -29,6 +29,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -97,6 +98,40 @@ def _decode(arrays: Mapping[str, np.ndarray], num_classes: int) -> np.ndarray:
     dense = np.repeat(tail.astype(np.float32)[:, None], num_classes, axis=1)
     np.put_along_axis(dense, indices.astype(np.int64), values.astype(np.float32), axis=1)
     return dense
+
+
+@dataclass(frozen=True)
+class SparseLogits:
+    """Top-k soft labels kept as stored, for training: fp16 values and int32 class ids (N, k), the fp32 tail
+    logit (N,). Indexing gives the rows' SparseLogits; `dense()` the (N, C) float32 logits, exactly what
+    `load_soft_labels` reconstructs. A 1000-class teacher's labels at k 5 take 34 bytes a row, not 4,000."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    tail: torch.Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return int(self.tail.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.values, self.indices, self.tail))
+
+    def __getitem__(self, index: torch.Tensor | slice) -> SparseLogits:
+        return SparseLogits(self.values[index], self.indices[index], self.tail[index], self.num_classes)
+
+    def to(self, device: torch.device | str) -> SparseLogits:
+        return SparseLogits(
+            self.values.to(device), self.indices.to(device), self.tail.to(device), self.num_classes
+        )
+
+    def dense(self) -> torch.Tensor:
+        out = self.tail[:, None].expand(len(self), self.num_classes).clone()
+        return out.scatter_(1, self.indices.long(), self.values.float())
+
+    def argmax(self, dim: int = -1) -> torch.Tensor:
+        return self.dense().argmax(dim)
 
 
 def _shard_ok(out_dir: Path, entry: dict[str, Any], rows: int) -> bool:
@@ -308,15 +343,48 @@ def _teacher_accuracy(out_dir: Path, split: str, manifest: dict[str, Any], y: np
     return float((pred[labelled] == y[labelled]).mean())
 
 
-def load_soft_labels(out_dir: Path, split: str, *, manifest: dict[str, Any] | None = None) -> torch.Tensor:
-    """The stored logits of `split` as a dense (N, C) float32 tensor (top-k shards reconstructed)."""
+def load_sparse_soft_labels(
+    out_dir: Path, split: str, *, manifest: dict[str, Any] | None = None
+) -> SparseLogits | torch.Tensor:
+    """The stored logits of `split` as stored: top-k shards as SparseLogits, full ones dense (N, C)."""
     out_dir = Path(out_dir)
     manifest = manifest or read_manifest(out_dir) or {}
-    info = manifest.get("splits", {}).get(split)
+    if manifest.get("format") != "topk":
+        return load_soft_labels(out_dir, split, manifest=manifest)
+    info = _complete_split(out_dir, split, manifest)
+    parts: dict[str, list[np.ndarray]] = {"values": [], "indices": [], "tail_logit": []}
+    for entry in info["shards"]:
+        with np.load(out_dir / entry["name"], allow_pickle=False) as arrays:
+            for key, found in parts.items():
+                found.append(arrays[key])
+    values, indices, tail = (np.concatenate(parts[key]) for key in ("values", "indices", "tail_logit"))
+    if len(tail) != info["rows"]:
+        raise DistillError(
+            f"soft labels for {split!r} have {len(tail)} rows, manifest says {info['rows']}",
+            code="corrupt_soft_labels",
+        )
+    return SparseLogits(
+        torch.from_numpy(values),
+        torch.from_numpy(indices),
+        torch.from_numpy(tail.astype(np.float32)),
+        int(manifest["num_classes"]),
+    )
+
+
+def _complete_split(out_dir: Path, split: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    info: dict[str, Any] | None = manifest.get("splits", {}).get(split)
     if info is None or not info.get("complete"):
         raise DistillError(
             f"no complete soft labels for split {split!r} in {out_dir}", code="missing_soft_labels"
         )
+    return info
+
+
+def load_soft_labels(out_dir: Path, split: str, *, manifest: dict[str, Any] | None = None) -> torch.Tensor:
+    """The stored logits of `split` as a dense (N, C) float32 tensor (top-k shards reconstructed)."""
+    out_dir = Path(out_dir)
+    manifest = manifest or read_manifest(out_dir) or {}
+    info = _complete_split(out_dir, split, manifest)
     parts = []
     for entry in info["shards"]:
         with np.load(out_dir / entry["name"], allow_pickle=False) as arrays:

@@ -36,25 +36,41 @@ from worker.distill.errors import ConfigError
 from worker.distill.image_stream import ImageStream
 from worker.distill.losses import METHODS, LossFn, hard_label_ce
 from worker.distill.replicas import SINGLE, Replicas, StopPoll
+from worker.distill.softlabels import SparseLogits
 
 STOP_CHECK_SECONDS = 5.0  # how often a running epoch asks `stop()`; the service's hook may query a database
 CHECKPOINT_SECONDS = 300.0  # at most this much work is lost to a crash mid-epoch (one process)
 EVAL_BATCH = 1024
 
 
+Targets = Tensor | SparseLogits  # the teacher's logits for some rows: dense (N, C), or top-k as stored
+
+
 @dataclass
 class Views:
     """Augmented views of the training images (augment.py): `params` (V, N, 5) crop box and flip per view and
-    row, `logits` (V, N, C) the teacher's on each view. Epoch e trains on view (e - 1) % V."""
+    row, `logits` the teacher's on each view ((V, N, C), or one Targets per view). Epoch e trains on view
+    (e - 1) % V."""
 
     params: Tensor
-    logits: Tensor
+    logits: Tensor | list[Targets]
 
     def __len__(self) -> int:
         return int(self.params.shape[0])
 
     def subset(self, index: Tensor) -> Views:
-        return Views(self.params[:, index], self.logits[:, index])
+        if isinstance(self.logits, Tensor):
+            return Views(self.params[:, index], self.logits[:, index])
+        return Views(self.params[:, index], [view[index] for view in self.logits])
+
+    def to(self, device: torch.device) -> Views:
+        if isinstance(self.logits, Tensor):
+            return Views(self.params.to(device), self.logits.to(device))
+        return Views(self.params.to(device), [view.to(device) for view in self.logits])
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.params) + sum(_nbytes(view) for view in self.logits)
 
 
 @dataclass
@@ -65,7 +81,7 @@ class TensorData:
 
     x: Tensor | ImageStream  # a stream: rows read a batch at a time by loader processes (image_stream.py)
     y: Tensor
-    teacher_logits: Tensor | None = None
+    teacher_logits: Targets | None = None
     views: Views | None = None
 
     def __len__(self) -> int:
@@ -106,7 +122,7 @@ def train(
     loss_fn: str | LossFn | None,
     config: DistillConfig,
     *,
-    teacher_logits: Tensor | None = None,
+    teacher_logits: Targets | None = None,
     ckpt_dir: Path | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     epochs: int | None = None,
@@ -137,13 +153,11 @@ def train(
 
     # Hold everything on the device when it fits: indexing on-device beats any loader.
     # A stream's rows never are: its loader hands each batch over as it is read.
-    on_device = not isinstance(x, ImageStream) and _fits_on(
-        device, x, y, targets, *(() if views is None else (views.params, views.logits))
-    )
+    on_device = not isinstance(x, ImageStream) and _fits_on(device, x, y, targets, views)
     if on_device and isinstance(x, Tensor):
         x, y = x.to(device), y.to(device)
         targets = None if targets is None else targets.to(device)
-        views = None if views is None else Views(views.params.to(device), views.logits.to(device))
+        views = None if views is None else views.to(device)
     val = _to_device(val_data, device)
 
     n, batch_size = len(y), config.batch_size
@@ -209,11 +223,14 @@ def train(
             index, share = replicas.shard(batch)  # this process's rows; all of them alone (share 1.0)
             xb = next(streamed) if streamed is not None else x[index]
             assert isinstance(xb, Tensor)
-            yb, tb = y[index], (None if targets is None else targets[index])
+            yb = y[index]
+            tb: Targets | None = None if targets is None else targets[index]
             if views is not None:  # this epoch's stored view of each row, and the teacher's logits on it
                 view = (epoch - 1) % len(views)
                 xb = apply_views(xb, views.params[view][index])
                 tb = None if tb is None else views.logits[view][index]
+            if isinstance(tb, SparseLogits):  # top-k soft labels become dense a batch at a time
+                tb = tb.dense()
             if not on_device:
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 tb = None if tb is None else tb.to(device, non_blocking=True)
@@ -304,14 +321,14 @@ class _Rows:
 
     x: Tensor | ImageStream
     y: Tensor
-    targets: Tensor | None  # the teacher's logits for these rows; None when training on labels alone
+    targets: Targets | None  # the teacher's logits for these rows; None when training on labels alone
     temperature: float | None
     alpha: float | None
     views: Views | None = None
 
 
 def _rows(
-    data: TensorData, teacher_logits: Tensor | None, method: str, distilling: bool, config: DistillConfig
+    data: TensorData, teacher_logits: Targets | None, method: str, distilling: bool, config: DistillConfig
 ) -> _Rows:
     targets = teacher_logits if teacher_logits is not None else data.teacher_logits
     if distilling:
@@ -497,10 +514,16 @@ def _scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total
     raise ConfigError(f"unknown schedule {schedule!r}; known: constant, cosine, onecycle", field="schedule")
 
 
-def _fits_on(device: torch.device, *tensors: Tensor | None) -> bool:
+def _nbytes(t: Tensor | SparseLogits | Views | None) -> int:
+    if t is None:
+        return 0
+    return t.numel() * t.element_size() if isinstance(t, Tensor) else t.nbytes
+
+
+def _fits_on(device: torch.device, *tensors: Tensor | SparseLogits | Views | None) -> bool:
     if device.type != "cuda":
         return True
-    needed = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    needed = sum(_nbytes(t) for t in tensors)
     free, _ = torch.cuda.mem_get_info(device)
     return needed < free // 2  # leave half for activations, weights and the optimizer
 
