@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     presign_expires_s: int = Field(default=300, ge=1, le=3600)
 
     max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
+    # A dataset registered from an `s3://bucket/prefix/` (a set of WebDataset .tar shards, fetched by the
+    # worker shard by shard onto its disk and streamed from there): at most this many shards and bytes.
+    max_registered_shards: int = Field(default=100_000, ge=1)
+    max_registered_bytes: int = Field(default=2 * 1024**4, ge=1)
     upload_chunk_bytes: int = Field(default=1024 * 1024, ge=1024)
     # Authenticated keys are remembered this long per process; a revoked key stops working within it.
     key_cache_ttl_s: float = Field(default=30.0, ge=0)

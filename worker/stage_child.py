@@ -68,7 +68,11 @@ def main(boot: dict[str, Any]) -> None:
         with lock:
             out.write(HEADER.pack(len(body)) + body)
 
-    threading.Thread(target=_listen_for_stop, name="stage-control", daemon=True).start()
+    # The control thread keeps stdin to itself: sys.stdin becomes None. A process forked while that thread is
+    # blocked reading it (a DataLoader's worker) would otherwise deadlock in multiprocessing's bootstrap,
+    # which closes sys.stdin and so waits for the read lock the thread holds, forever.
+    control, sys.stdin = sys.stdin, None
+    threading.Thread(target=_listen_for_stop, args=(control,), name="stage-control", daemon=True).start()
     isolated = _isolate_network() if boot.get("isolate_network") else False
     try:
         for name, ref in boot["steps"]:
@@ -106,10 +110,10 @@ def _errors() -> type[DistillError]:
     return DistillError
 
 
-def _listen_for_stop() -> None:
+def _listen_for_stop(control: Any) -> None:
     """ "stop" or EOF on stdin -> SIGTERM to ourselves: a step's own handler (checkpoint and end) runs as if
     the parent had signalled us, and without one the default action ends the process."""
-    for line in sys.stdin:
+    for line in control:
         if line.strip() == "stop":
             break
     os.kill(os.getpid(), signal.SIGTERM)

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, UTCDateTime, new_id, utcnow
@@ -25,5 +26,8 @@ class File(Base):
     # `bucket` is set only for files registered from another bucket; None means the service's own store.
     bucket: Mapped[str | None] = mapped_column(String(255))
     key: Mapped[str] = mapped_column(String(1024))
+    # A dataset registered from an `s3://bucket/prefix/`: `key` is the prefix, and these are its shard objects
+    # as listed at registration, [{"key", "size", "etag"}] in key order (a changed object fails the fetch).
+    members: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

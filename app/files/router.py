@@ -72,6 +72,7 @@ def register_file(
         purpose=body.purpose,
         filename=body.filename,
         max_bytes=settings.max_upload_bytes,
+        limits=service.ShardLimits(settings.max_registered_shards, settings.max_registered_bytes),
     )
     return FileOut.model_validate(file)
 

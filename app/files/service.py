@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
@@ -121,17 +123,22 @@ def register(
     purpose: str,
     filename: str | None,
     max_bytes: int,
+    limits: ShardLimits | None = None,
 ) -> File:
-    """Record an existing `s3://bucket/key` object without copying it (HEAD only)."""
+    """Record an existing `s3://bucket/key` object without copying it (HEAD only); or, for a URI ending in
+    `/`, the WebDataset shards (`*.tar`) under that prefix, listed now with their sizes and ETags."""
     if not isinstance(storage, S3Storage):
         raise S3NotConfigured()
     parts = urlsplit(uri)
     bucket, key = parts.netloc, parts.path.lstrip("/")
     if parts.scheme != "s3" or not bucket or not key or parts.query or parts.fragment:
-        raise InvalidRequest("uri", "expected s3://bucket/key")
+        raise InvalidRequest("uri", "expected s3://bucket/key, or s3://bucket/prefix/ for a set of shards")
     if bucket == storage.bucket:
         # The service's own bucket holds every tenant's uploads: registering from it would cross tenants.
         raise InvalidRequest("uri", "objects in the service's own bucket cannot be registered")
+    if key.endswith("/"):
+        store = storage.with_bucket(bucket)
+        return _register_shards(session, store, tenant_id, key, purpose, filename, limits)
     try:
         info = storage.with_bucket(bucket).head(key)
     except ObjectNotFound:
@@ -146,6 +153,59 @@ def register(
         bucket=bucket,
         key=key,
         filename=clean_filename(filename or PurePosixPath(key).name),
+    )
+    _insert(session, file)
+    return file
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    """What a dataset registered from a prefix may hold (settings max_registered_shards / _bytes)."""
+
+    shards: int = 100_000
+    total_bytes: int = 2 * 1024**4
+
+
+SHARD_SUFFIX = ".tar"
+
+
+def _register_shards(
+    session: Session,
+    store: S3Storage,
+    tenant_id: str,
+    prefix: str,
+    purpose: str,
+    filename: str | None,
+    limits: ShardLimits | None,
+) -> File:
+    limits = limits or ShardLimits()
+    if purpose != "dataset":
+        raise InvalidRequest("purpose", "only a dataset can be registered from a prefix (a set of shards)")
+    listed = store.list_objects(prefix, limit=limits.shards)
+    shards = [o for o in listed if o.key.endswith(SHARD_SUFFIX) and o.size > 0]
+    if len(listed) > limits.shards:
+        raise InvalidRequest(
+            "uri", f"more than {limits.shards} objects under this prefix", code="too_many_shards"
+        )
+    if not shards:
+        raise InvalidRequest(
+            "uri", "no WebDataset shards (*.tar) under this prefix", code="object_not_found"
+        )
+    total = sum(o.size for o in shards)
+    if total > limits.total_bytes:
+        raise ObjectTooLarge(limits.total_bytes)
+    members = [{"key": o.key, "size": o.size, "etag": o.etag} for o in shards]
+    # One digest names the set as listed: the same objects in the same versions give the same digest.
+    listing = "".join(f"{m['key']}\t{m['size']}\t{m['etag']}\n" for m in members)
+    file = File(
+        tenant_id=tenant_id,
+        purpose="dataset",
+        size=total,
+        sha256=hashlib.sha256(listing.encode()).hexdigest(),
+        bucket=store.bucket,
+        key=prefix,
+        filename=clean_filename(filename or PurePosixPath(prefix.rstrip("/")).name or "shards"),
+        members=members,
     )
     _insert(session, file)
     return file

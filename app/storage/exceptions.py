@@ -29,3 +29,9 @@ class NotSupportedByStorage(AppError):
 
 class ObjectNotAccessible(AppError):
     status, code, title = 422, "object_not_accessible", "Object not accessible"
+
+
+class ObjectChanged(AppError):
+    """A registered object is no longer the version that was registered (its ETag moved)."""
+
+    status, code, title = 409, "object_changed", "Object changed"

@@ -14,7 +14,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app.storage.base import READ_CHUNK, SizeLimitedHasher, Storage, sha256_file
-from app.storage.exceptions import ObjectNotAccessible, ObjectNotFound, StorageUnavailable
+from app.storage.exceptions import ObjectChanged, ObjectNotAccessible, ObjectNotFound, StorageUnavailable
 
 PART_BYTES = 8 * 1024 * 1024  # S3 needs >= 5 MiB for every part but the last
 MAX_BACKOFF_S = 15.0
@@ -24,6 +24,13 @@ MAX_BACKOFF_S = 15.0
 class ObjectInfo:
     size: int
     sha256: str | None  # only when the store kept a full-object SHA-256 checksum
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    key: str
+    size: int
+    etag: str
 
 
 def make_client(endpoint_url: str | None, region: str, access_key: str | None, secret_key: str | None) -> Any:
@@ -176,6 +183,19 @@ class S3Storage(Storage):
     def size(self, key: str) -> int:
         return self.head(key).size
 
+    def list_objects(self, prefix: str, *, limit: int) -> list[ListedObject]:
+        """The objects under `prefix`, in key order; at most `limit` + 1 (so a caller can tell "too many")."""
+        found: list[ListedObject] = []
+        kwargs: dict[str, Any] = {"Prefix": prefix}
+        while len(found) <= limit:
+            page = self._call(prefix, self.client.list_objects_v2, **kwargs)
+            for item in page.get("Contents", []):
+                found.append(ListedObject(item["Key"], int(item["Size"]), str(item["ETag"]).strip('"')))
+            if not page.get("IsTruncated"):
+                break
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+        return found[: limit + 1]
+
     def delete(self, key: str) -> None:
         self._call(key, self.client.delete_object, Key=key)
 
@@ -186,13 +206,36 @@ class S3Storage(Storage):
             return False
         return True
 
-    def download_to(self, key: str, path: Path) -> None:
+    def download_to(self, key: str, path: Path, *, etag: str | None = None) -> None:
+        """`etag`: the object must still be that version (a changed one raises ObjectChanged)."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        if etag is not None:
+            self._download_version(key, path, etag)
+            return
         try:
             self._patient(lambda: self.client.download_file(self.bucket, key, str(path)))
         except ClientError as exc:
             if _missing(exc):
                 raise ObjectNotFound(key) from exc
+            raise
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"object storage unreachable: {exc}") from exc
+
+    def _download_version(self, key: str, path: Path, etag: str) -> None:
+        """A GET conditional on the ETag (s3transfer's download_file takes no IfMatch), streamed to `path`."""
+        try:
+            response = self._patient(
+                lambda: self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=f'"{etag}"')
+            )
+            body = response["Body"]
+            with body, open(path, "wb") as out:
+                for chunk in body.iter_chunks(READ_CHUNK):
+                    out.write(chunk)
+        except ClientError as exc:
+            if _missing(exc):
+                raise ObjectNotFound(key) from exc
+            if exc.response.get("Error", {}).get("Code") in ("412", "PreconditionFailed"):
+                raise ObjectChanged(f"s3://{self.bucket}/{key} changed since it was registered") from exc
             raise
         except BotoCoreError as exc:
             raise StorageUnavailable(f"object storage unreachable: {exc}") from exc

@@ -379,7 +379,8 @@ def _is_image(name: str) -> bool:
 
 
 def should_stream(path: Path, val_path: Path | None, streaming: str) -> bool:
-    """`streaming` "always": any streamable image dataset; "auto": one whose decoded float32 rows would take
+    """`streaming` "always": any streamable image dataset, and a folder of WebDataset shards whatever the
+    setting but "never"; "auto": one whose decoded float32 rows would take
     more than STREAM_ABOVE_BYTES (estimated from the member count and the first image's header, cheaply;
     anything unreadable is left to the path that reads it to report)."""
     if streaming == "never":
@@ -387,8 +388,8 @@ def should_stream(path: Path, val_path: Path | None, streaming: str) -> bool:
     containers = streamable(path)
     if containers is None:
         return False
-    if streaming == "always":
-        return True
+    if streaming == "always" or (Path(path).is_dir() and containers[0][0] == "tar"):
+        return True  # a folder of shards has no in-memory reader
     from PIL import Image
 
     try:

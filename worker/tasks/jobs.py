@@ -32,7 +32,7 @@ from app.jobs import lifecycle
 from app.jobs.state import RUNNING
 from app.queue import SOFT_LABEL_QUEUE, STAGE_TASKS, TASK_DISTILL, TASK_SOFT_LABEL, TASK_SOFT_LABEL_SHARD
 from app.storage import keys
-from app.storage.exceptions import ObjectNotFound, StorageUnavailable
+from app.storage.exceptions import ObjectChanged, ObjectNotFound, StorageUnavailable
 from worker.distill.errors import DistillError
 from worker.distill.lm_summary import lm_headline
 from worker.distill.shard_plan import SPLITS, task_ranges
@@ -233,6 +233,8 @@ def ending_of(exc: Exception, claim: Claim) -> Ending:
         return Ending("fail", exc.code, exc.message)
     if isinstance(exc, ObjectNotFound):
         return Ending("fail", "input_missing", "an input file of this job no longer exists in storage")
+    if isinstance(exc, ObjectChanged):
+        return Ending("fail", "input_changed", f"{exc.detail}: register it again to use the new version")
     if isinstance(exc, StageStopped):
         if exc.reason == "timeout":
             return Ending(
