@@ -18,6 +18,7 @@ decoded float32 rows): holding rows on the device beats any loader.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import tarfile
@@ -152,10 +153,13 @@ class _Decoder(torch.utils.data.Dataset[Any]):
 
     def __getitem__(self, rows: Any) -> Any:
         try:
-            out = np.empty((len(rows), *self.shape), np.uint8)
+            batch = torch.empty((len(rows), *self.shape), dtype=torch.uint8)
+            if torch.utils.data.get_worker_info() is not None:
+                batch.share_memory_()  # type: ignore[no-untyped-call]  # decoded into what is handed over
+            out = batch.numpy()
             for j, i in enumerate(rows):
                 out[j] = decode(self.reader, int(i), self.shape)
-            return torch.from_numpy(out)
+            return batch
         except DatasetError as exc:
             return ("error", exc.code, exc.field, str(exc))
 
@@ -219,11 +223,11 @@ class ImageStream:
     def with_views(self, params: Tensor) -> ImageStream:
         return replace(self, views=params)
 
-    def batches(
+    def pixel_batches(
         self, lists: Sequence[Tensor | np.ndarray | range], workers: int | None = None
     ) -> Iterator[Tensor]:
-        """One float32 batch per list of rows, in order: decoded by `workers` processes (default: one per
-        CPU; none for a single small list), then transformed here."""
+        """One uint8 (B, C, H, W) batch per list of rows, in order, as decoded by `workers` processes
+        (default: one per CPU; none for a single small list)."""
         fixed_mmap_threshold()
         rows = [np.asarray(r, np.int64) for r in lists]
         if workers is None:
@@ -236,11 +240,28 @@ class ImageStream:
             prefetch_factor=PREFETCH if workers else None,
             multiprocessing_context="fork" if workers else None,
         )
-        for index, pixels in zip(rows, loader, strict=True):
+        for pixels in loader:
             if isinstance(pixels, (tuple, list)):
                 _, code, field, message = pixels
                 raise DatasetError(message, code=code, field=field)
-            yield self._prepared(pixels, index)
+            yield pixels
+
+    def batches(
+        self,
+        lists: Sequence[Tensor | np.ndarray | range],
+        workers: int | None = None,
+        device: torch.device | None = None,
+    ) -> Iterator[Tensor]:
+        """One float32 batch per list of rows, in order: decoded as `pixel_batches`, then moved to `device`
+        (uint8: a quarter of the bytes) and made float, transformed and viewed there."""
+        on_device = device is not None and device.type != "cpu"
+        transform = self.transform
+        if on_device and isinstance(transform, torch.nn.Module):
+            transform = copy.deepcopy(transform).to(device)  # the job's own module stays where it is
+        for index, pixels in zip(lists, self.pixel_batches(lists, workers), strict=True):
+            if on_device:
+                pixels = pixels.pin_memory().to(device, non_blocking=True)
+            yield self._prepared(pixels, np.asarray(index, np.int64), transform)
 
     def decode(self, index: Tensor | np.ndarray | slice | range) -> Tensor:
         """These rows, decoded here and prepared (a few rows: the preflight, samples)."""
@@ -251,13 +272,13 @@ class ImageStream:
         """These rows as float32 pixel values, not transformed: the dataset as the user gave it."""
         return replace(self, transform=None, views=None).decode(index)
 
-    def _prepared(self, pixels: Tensor, rows: np.ndarray) -> Tensor:
+    def _prepared(self, pixels: Tensor, rows: np.ndarray, transform: Transform | None) -> Tensor:
         with torch.no_grad():
             x = pixels.float()
-            if self.transform is not None:
-                x = self.transform(x)
+            if transform is not None:
+                x = transform(x)
             if self.views is not None:
-                x = apply_views(x, self.views[torch.as_tensor(rows)])
+                x = apply_views(x, self.views[torch.as_tensor(rows)].to(x.device))
         return x
 
 

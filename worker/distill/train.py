@@ -216,7 +216,7 @@ def train(
         streamed = None  # a stream: this epoch's remaining batches, read ahead by the loader's processes
         if isinstance(x, ImageStream):
             cut = [perm[s * batch_size : (s + 1) * batch_size] for s in range(first, steps_per_epoch)]
-            streamed = x.batches([replicas.shard(batch)[0] for batch in cut])
+            streamed = x.batches([replicas.shard(batch)[0] for batch in cut], device=device)
 
         for step in range(first, steps_per_epoch):
             batch = perm[step * batch_size : (step + 1) * batch_size]
@@ -417,7 +417,7 @@ def evaluate(
     teacher = None if data.teacher_logits is None else data.teacher_logits[mine]
     correct = agree = n_labelled = 0
     start = 0
-    for xb in _eval_batches(x, len(labels)):
+    for xb in _eval_batches(x, len(labels), device):
         rows = slice(start, start + len(xb))
         start += len(xb)
         with autocast or contextlib.nullcontext():
@@ -436,11 +436,11 @@ def evaluate(
     }
 
 
-def _eval_batches(x: Tensor | ImageStream, n: int) -> Iterator[Tensor]:
-    """Rows 0..n of `x` in EVAL_BATCH batches: cut from a tensor, or read from a stream."""
+def _eval_batches(x: Tensor | ImageStream, n: int, device: torch.device) -> Iterator[Tensor]:
+    """Rows 0..n of `x` in EVAL_BATCH batches: cut from a tensor, or read from a stream (to `device`)."""
     if isinstance(x, ImageStream):
         rows = x.batch_rows(EVAL_BATCH)
-        return x.batches([range(s, min(n, s + rows)) for s in range(0, n, rows)])
+        return x.batches([range(s, min(n, s + rows)) for s in range(0, n, rows)], device=device)
     return (x[s : s + EVAL_BATCH] for s in range(0, n, EVAL_BATCH))
 
 
