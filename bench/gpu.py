@@ -2,11 +2,18 @@
 
     python -m bench.gpu                         # on a CUDA card: ResNet-50 teacher -> ResNet-18 student
     python -m bench.gpu --device cpu --tiny     # smoke check anywhere (tiny models, 32 px, a few steps)
+    python -m bench.gpu --stream                # also: the product's train() reading JPEG shards
 
 Synthetic data held on the device (what the product's loop does when the data fits). Both arms run the same
 student step (bf16 autocast, channels_last, AdamW, Hinton KD with fp32 softmax); the online arm runs the
 teacher forward under `inference_mode` first, the cached arm reads the teacher's logits from a tensor, as
 the product does after its soft-label stage. Target: cached >= 1.8x online in images per second.
+
+`--stream`: the streaming path (worker/distill/image_stream.py) on the card. `--stream-rows` JPEGs at `--res`
+written as a WebDataset shard, indexed, decoded by the product's DataLoader processes (uint8 batches, made
+float on the card), the teacher's logits cached over them, then one epoch of the product's `train()` over
+the stream against the same rows decoded once and held on the card: streamed / in-memory images per second
+(where the CPUs' JPEG decoding caps a GPU step, this ratio shows it).
 """
 
 from __future__ import annotations
@@ -106,6 +113,8 @@ def main() -> None:
         default=True,
         help="also time the product's train() over the cached logits (--no-product skips it)",
     )
+    parser.add_argument("--stream", action="store_true", help="also time train() streaming JPEG shards")
+    parser.add_argument("--stream-rows", type=int, default=4096)
     args = parser.parse_args()
     base = 64
     if args.tiny:
@@ -190,6 +199,65 @@ def main() -> None:
             "(one epoch over the rows, its own bf16/memory format, after a warm-up epoch)"
         )
     print(f"{'PASS' if ratio >= 1.8 else 'FAIL'}  cached / online = {ratio:.2f}x (target >= 1.8x)")
+    if args.stream:
+        streamed, held = stream_rates(args, teacher, base, device)
+        print(
+            f"product train() streaming {args.stream_rows} JPEG rows: {streamed:8.1f} img/s vs "
+            f"{held:8.1f} img/s held on the device: {streamed / held:.2f}x"
+        )
+
+
+def stream_rates(args, teacher: nn.Module, base: int, device: torch.device) -> tuple[float, float]:
+    """One epoch of train() over a WebDataset shard of JPEGs, streamed and held on the device."""
+    import io
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from worker.distill.config import DistillConfig
+    from worker.distill.image_stream import open_image_stream
+    from worker.distill.preprocess import PreprocessModule
+    from worker.distill.train import TensorData, train
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="gpu-stream-") as tmp:
+        shard = Path(tmp) / "shard.tar"
+        with tarfile.open(shard, "w") as tar:
+            for i in range(args.stream_rows):
+                low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                image = Image.fromarray(low).resize((args.res, args.res), Image.BILINEAR)
+                out = io.BytesIO()
+                image.save(out, format="JPEG", quality=90)
+                label = str(i % args.classes).encode()
+                for name, data in ((f"{i:08d}.jpg", out.getvalue()), (f"{i:08d}.cls", label)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        found = open_image_stream(shard)
+        assert found is not None
+        stream = found.x.with_transform(PreprocessModule(1 / 255))
+        y = torch.from_numpy(found.y)
+        lists = [range(i, min(len(y), i + args.batch)) for i in range(0, len(y), args.batch)]
+        held = torch.cat([b for b in stream.batches(lists, device=device)])
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = torch.cat([teacher(held[r.start : r.stop]) for r in lists]).float()
+        logits = logits.clone().cpu()
+        config = DistillConfig(
+            method="hinton", temperature=4.0, alpha=0.9, batch_size=args.batch, grad_clip=None
+        )
+        rates = []
+        for x in (stream, held):
+            torch.manual_seed(0)
+            student = MODELS[args.student](args.classes, base)
+            data = TensorData(x, y.to(device) if x is held else y, logits)
+            train(student, data, None, "hinton", config, epochs=1, device=device)  # warm-up
+            sync(device)
+            result = train(student, data, None, "hinton", config, epochs=1, device=device)
+            rates.append(len(y) / result.history[0]["seconds"])
+        return rates[0], rates[1]
 
 
 def product_rate(args, x: Tensor, y: Tensor, cached: Tensor, base: int, device: torch.device) -> float:

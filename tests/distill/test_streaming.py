@@ -287,3 +287,54 @@ def test_a_dataset_larger_than_the_memory_given_distils_by_streaming(tmp_path: P
     assert LIMITED_ROWS * 3 * LIMITED_SIDE**2 * 4 > HEADROOM_MB << 20  # the rows alone would not fit
     assert results["never"] == ["MemoryError"], results
     assert results["always"][0].startswith("done"), results
+
+
+def test_an_unreadable_archive_is_a_dataset_error_on_either_path(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.zip"
+    x, y = bars(3)
+    with zipfile.ZipFile(broken, "w") as zf:
+        for name, data in class_folders(x, y).items():
+            zf.writestr(name, data)
+    broken.write_bytes(broken.read_bytes()[:-30])  # the central directory's end is cut off
+    assert not should_stream(broken, None, "auto")  # left to the in-memory reader, which names the problem
+    with pytest.raises(DatasetError):
+        load_dataset(broken, DistillConfig())
+    assert open_image_stream(broken) is None  # not recognisable as a zip at all: not streamable
+
+
+def test_a_parquet_table_streams_row_group_by_row_group_to_the_in_memory_result(tmp_path: Path) -> None:
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.distill.tiny_job import PREPROCESS, clusters, write_job
+
+    teacher, _ = write_job(tmp_path / "files")
+    raw, y, _ = clusters(300, seed=3)
+    frame = pd.DataFrame(raw, columns=[f"f{i}" for i in range(raw.shape[1])])
+    frame["label"] = np.array(["cat", "dog", "emu"])[y]
+    frame.loc[:9, "label"] = None  # unlabelled rows
+    table = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pandas(frame), table, row_group_size=64)  # 5 row groups
+    cfg = {
+        "student": "mlp:hidden=16", "epochs": 2, "batch_size": 32, "method": "hinton", "temperature": 2.0,
+        "alpha": 0.5, "preprocess": PREPROCESS, "soft_label_format": "topk", "topk": 2,
+        "export_formats": ["safetensors"],
+    }  # fmt: skip
+    streamed_cfg = DistillConfig.from_dict(cfg | {"streaming": "always"})
+    loaded, _ = load_inputs(Work(_prepared(tmp_path / "probe", teacher, table)), streamed_cfg)
+    assert loaded.x.__class__.__name__ == "TableStream" and loaded.class_names == ["cat", "dog", "emu"]
+    assert int((loaded.y < 0).sum()) + (0 if loaded.y_val is None else int((loaded.y_val < 0).sum())) == 10
+    forget_loaded_inputs()
+    streamed = run_job(tmp_path / "streamed", teacher, table, streamed_cfg)
+    whole = run_job(tmp_path / "whole", teacher, table, DistillConfig.from_dict(cfg | {"streaming": "never"}))
+    weights = [torch.load(Work(tmp_path / n).checkpoints / "student.pt") for n in ("streamed", "whole")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert streamed["student"]["accuracy"] == whole["student"]["accuracy"]
+
+    frame.loc[20, "f3"] = np.nan
+    pq.write_table(pa.Table.from_pandas(frame), tmp_path / "nan.parquet", row_group_size=64)
+    with pytest.raises(DatasetError) as info:
+        load_inputs(Work(_prepared(tmp_path / "nan", teacher, tmp_path / "nan.parquet")), streamed_cfg)
+    assert info.value.code == "non_finite" and "row 20" in info.value.message
+    forget_loaded_inputs()

@@ -23,7 +23,7 @@ import io
 import os
 import tarfile
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,15 +36,15 @@ from worker.distill.augment import apply_views
 from worker.distill.data_formats import GREY_MODES, IMAGE_SUFFIXES, VAL_SPLIT_NAMES
 from worker.distill.data_limits import GiB
 from worker.distill.errors import DatasetError
+from worker.distill.streams import Rows, RowStream, StreamedData, Transform, positions
 
 STREAM_ABOVE_BYTES = 1 * GiB  # "auto": image datasets whose decoded float32 rows are larger stream
 MAX_MEMBER_BYTES = 64 << 20  # one image file
+MAX_MEMBERS = 50_000_000  # files in one dataset (a sample is two: its image and its .cls)
 HEADER_BYTES = 64 << 10  # read to check an image's header at indexing time (the whole file when smaller)
 MAX_WORKERS = 8
 PREFETCH = 2  # batches each worker decodes ahead
-BATCH_BYTES = 16 << 20  # the largest float32 batch a stage reads at once (training batches are the config's)
 
-Transform = Callable[[Tensor], Tensor]
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -187,9 +187,8 @@ def decode(reader: _Reader, i: int, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class ImageStream:
-    """Rows of an indexed image dataset, read on demand (see the module docstring). Indexing with a tensor,
-    array or slice gives the stream of those rows (nothing is read); `batches` and `decode` read."""
+class ImageStream(RowStream):
+    """Rows of an indexed image dataset, read on demand (see the module docstring and streams.RowStream)."""
 
     members: Members
     image_shape: tuple[int, int, int]  # (C, H, W)
@@ -200,20 +199,11 @@ class ImageStream:
         return len(self.members)
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self), *self.image_shape)
-
-    @property
-    def decoded_bytes(self) -> int:
-        """What the rows would take as float32 in memory."""
-        return len(self) * int(np.prod(self.image_shape)) * 4
-
-    def batch_rows(self, wanted: int) -> int:
-        """`wanted` rows per batch, or fewer where that many would take more than BATCH_BYTES as float32."""
-        return max(1, min(wanted, BATCH_BYTES // (int(np.prod(self.image_shape)) * 4)))
+    def row_shape(self) -> tuple[int, ...]:
+        return self.image_shape
 
     def __getitem__(self, index: Tensor | np.ndarray | slice) -> ImageStream:
-        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, np.int64)
+        rows = positions(len(self), index)
         views = None if self.views is None else self.views[torch.as_tensor(rows)]
         return replace(self, members=self.members.take(rows), views=views)
 
@@ -223,9 +213,7 @@ class ImageStream:
     def with_views(self, params: Tensor) -> ImageStream:
         return replace(self, views=params)
 
-    def pixel_batches(
-        self, lists: Sequence[Tensor | np.ndarray | range], workers: int | None = None
-    ) -> Iterator[Tensor]:
+    def pixel_batches(self, lists: Sequence[Rows], workers: int | None = None) -> Iterator[Tensor]:
         """One uint8 (B, C, H, W) batch per list of rows, in order, as decoded by `workers` processes
         (default: one per CPU; none for a single small list)."""
         fixed_mmap_threshold()
@@ -247,10 +235,7 @@ class ImageStream:
             yield pixels
 
     def batches(
-        self,
-        lists: Sequence[Tensor | np.ndarray | range],
-        workers: int | None = None,
-        device: torch.device | None = None,
+        self, lists: Sequence[Rows], workers: int | None = None, device: torch.device | None = None
     ) -> Iterator[Tensor]:
         """One float32 batch per list of rows, in order: decoded as `pixel_batches`, then moved to `device`
         (uint8: a quarter of the bytes) and made float, transformed and viewed there."""
@@ -262,11 +247,6 @@ class ImageStream:
             if on_device:
                 pixels = pixels.pin_memory().to(device, non_blocking=True)
             yield self._prepared(pixels, np.asarray(index, np.int64), transform)
-
-    def decode(self, index: Tensor | np.ndarray | slice | range) -> Tensor:
-        """These rows, decoded here and prepared (a few rows: the preflight, samples)."""
-        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, np.int64)
-        return next(self.batches([rows], workers=0))
 
     def raw(self, index: slice) -> Tensor:
         """These rows as float32 pixel values, not transformed: the dataset as the user gave it."""
@@ -280,21 +260,6 @@ class ImageStream:
             if self.views is not None:
                 x = apply_views(x, self.views[torch.as_tensor(rows)].to(x.device))
         return x
-
-
-@dataclass(frozen=True)
-class StreamedData:
-    """A streamed dataset's train rows (and validation rows, when the dataset has them) with their labels."""
-
-    x: ImageStream
-    y: np.ndarray
-    x_val: ImageStream | None
-    y_val: np.ndarray | None
-    class_names: list[str] | None
-
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        return self.x.image_shape
 
 
 # -- Indexing -----------------------------------------------------------------------------------------------
@@ -320,6 +285,10 @@ class _Listing:
         )
 
     def add(self, c: int, name: str, offset: int, size: int) -> None:
+        if len(self.size) >= MAX_MEMBERS:
+            raise DatasetError(
+                f"the dataset holds more than {MAX_MEMBERS} files", code="dataset_too_large", field="dataset"
+            )
         self.container.append(c)
         self.offset.append(offset)
         self.size.append(size)
@@ -342,8 +311,11 @@ def streamable(path: Path) -> list[tuple[str, str]] | None:
     if head == b"PAR1":
         return None
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            return None  # the in-memory reader reports what is wrong with it
         return None if names and all(n.endswith(".npy") for n in names) else [("zip", str(path))]
     try:
         with tarfile.open(path, "r:") as tf:  # uncompressed only: a member is read at its offset
@@ -363,14 +335,19 @@ def _list(containers: list[tuple[str, str]]) -> _Listing:
                 if p.is_file() and not p.is_symlink():
                     listing.add(c, rel, 0, p.stat().st_size)
         elif kind == "zip":
-            with zipfile.ZipFile(path) as zf:
-                for info in zf.infolist():
-                    if not info.is_dir():
-                        if info.flag_bits & 0x1:
-                            raise DatasetError(
-                                f"{info.filename} is encrypted", code="bad_archive", field="dataset"
-                            )
-                        listing.add(c, info.filename, 0, info.file_size)
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    for info in zf.infolist():
+                        if not info.is_dir():
+                            if info.flag_bits & 0x1:
+                                raise DatasetError(
+                                    f"{info.filename} is encrypted", code="bad_archive", field="dataset"
+                                )
+                            listing.add(c, info.filename, 0, info.file_size)
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+                raise DatasetError(
+                    f"cannot read zip {Path(path).name}: {exc}", code="bad_archive", field="dataset"
+                ) from None
         else:
             try:
                 with tarfile.open(path, "r:") as tf:
@@ -384,7 +361,7 @@ def _list(containers: list[tuple[str, str]]) -> _Listing:
                             )
                         if member.isfile():
                             listing.add(c, member.name, member.offset_data, member.size)
-            except tarfile.TarError as exc:
+            except (tarfile.TarError, OSError, EOFError) as exc:
                 raise DatasetError(
                     f"cannot read tar {Path(path).name}: {exc}", code="bad_archive", field="dataset"
                 ) from None
@@ -423,7 +400,7 @@ def should_stream(path: Path, val_path: Path | None, streaming: str) -> bool:
             with Image.open(io.BytesIO(_Reader(listing.members()).read(images[0], HEADER_BYTES))) as im:
                 (width, height), channels = im.size, 1 if im.mode in GREY_MODES else 3
             total += len(images) * channels * height * width * 4
-    except (DatasetError, OSError, Image.DecompressionBombError):
+    except (DatasetError, OSError, ValueError, EOFError, Image.DecompressionBombError):
         return False
     return total > STREAM_ABOVE_BYTES
 
@@ -472,9 +449,9 @@ def _attach_validation(data: StreamedData, val_path: Path) -> StreamedData:
             code="ambiguous_dataset",
             field="validation",
         )
-    if val.x.image_shape != data.x.image_shape:
+    if val.feature_shape != data.feature_shape:
         raise DatasetError(
-            f"validation images are {val.x.image_shape}, training images {data.x.image_shape}",
+            f"validation images are {val.feature_shape}, training images {data.feature_shape}",
             code="val_shape_mismatch",
             field="x_val",
         )

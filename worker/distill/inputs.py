@@ -33,10 +33,12 @@ from worker.distill.data import (
 )
 from worker.distill.errors import ConfigError, DatasetError, DistillError, MismatchError, TeacherError
 from worker.distill.evaluate import count_parameters
-from worker.distill.image_stream import ImageStream, StreamedData, open_image_stream, should_stream
+from worker.distill.image_stream import open_image_stream, should_stream
 from worker.distill.preprocess import PreprocessModule
 from worker.distill.softlabels import load_soft_labels, load_sparse_soft_labels, read_manifest, sha256_file
+from worker.distill.streams import RowStream, StreamedData
 from worker.distill.students import build_student, load_student_init
+from worker.distill.table_stream import open_table_stream, table_should_stream
 from worker.distill.teachers import Teacher, check_compatible, load_teacher
 from worker.distill.text_cls_data import TextStats, check_text_dataset, load_text_classification
 from worker.distill.text_students import TEXT_STUDENTS, build_text_student, is_text_student
@@ -45,6 +47,7 @@ from worker.distill.train import Targets, Views
 from worker.distill.workfolder import SLOTS, Work
 
 RAW_SAMPLE = 256
+STREAM_CACHE = ".stream"  # under the work folder: a streamed table's memory-mapped rows
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,9 @@ class Loaded:
     teacher_sha256: str
     dataset_sha256: str
     preprocess: PreprocessModule
-    x: torch.Tensor | ImageStream  # a stream: rows read a batch at a time (image_stream.py)
+    x: torch.Tensor | RowStream  # a stream: rows read a batch at a time (streams.py)
     y: torch.Tensor
-    x_val: torch.Tensor | ImageStream | None
+    x_val: torch.Tensor | RowStream | None
     y_val: torch.Tensor | None
     raw_sample: torch.Tensor  # up to 256 rows as given (validation first): latency and export checks
     input_shape: tuple[int, ...]
@@ -180,6 +183,12 @@ def _load(work: Work, config: DistillConfig) -> tuple[Loaded, nn.Module]:
         streamed = open_image_stream(dataset_paths[0], val_path=val_path)
         if streamed is not None:
             return _load_streamed(work, config, teacher_paths, dataset_paths + val_paths, streamed)
+    if table_should_stream(dataset_paths[0], config.streaming, config.label_column):
+        cache = Path(work.root) / STREAM_CACHE
+        table = open_table_stream(dataset_paths[0], config.label_column, cache)
+        if val_path is not None:
+            table = _with_validation(table, open_table_stream(val_path, config.label_column, cache))
+        return _load_streamed(work, config, teacher_paths, dataset_paths + val_paths, table)
     data = load_dataset(dataset_paths[0], config, val_path=val_path)
     teacher = load_teacher(teacher_paths, config, input_shape=data.feature_shape)
     data = split_validation(data, config.val_fraction, config.seed)
@@ -214,6 +223,27 @@ def _load(work: Work, config: DistillConfig) -> tuple[Loaded, nn.Module]:
     student = new_student(loaded, config)
     check_compatible(teacher, student, x[:2])
     return loaded, student
+
+
+def _with_validation(data: StreamedData, val: StreamedData) -> StreamedData:
+    """A separate validation table for a streamed one: the same columns; class names mapped by name."""
+    if val.feature_shape != data.feature_shape:
+        raise DatasetError(
+            f"validation rows have shape {val.feature_shape}, training rows {data.feature_shape}",
+            code="val_shape_mismatch",
+            field="x_val",
+        )
+    y_val = val.y
+    if data.class_names and val.class_names and val.class_names != data.class_names:
+        index = {name: i for i, name in enumerate(data.class_names)}
+        unknown = sorted(set(val.class_names) - set(index))
+        if unknown:
+            raise DatasetError(
+                f"validation classes not in train: {', '.join(unknown)}", code="bad_labels", field="y_val"
+            )
+        lookup = np.array([index[name] for name in val.class_names], np.int64)
+        y_val = np.where(val.y >= 0, lookup[np.clip(val.y, 0, None)], -1)
+    return dataclasses.replace(data, x_val=val.x, y_val=y_val)
 
 
 def _load_streamed(

@@ -33,6 +33,7 @@ from worker.distill.outputs import evaluate, export, report_path
 from worker.distill.progress import Progress, emit
 from worker.distill.shard_plan import shard_indices
 from worker.distill.softlabels import soft_label_stage
+from worker.distill.streams import RowStream
 from worker.distill.workfolder import Work, prepare_inputs, read_json
 
 __all__ = [
@@ -108,10 +109,12 @@ def _views(w: Work, loaded: Loaded, config: DistillConfig) -> dict[str, torch.Te
 
 
 def _augmented(
-    x: torch.Tensor | ImageStream, params: torch.Tensor, chunk: int = 4096
-) -> torch.Tensor | ImageStream:
+    x: torch.Tensor | RowStream, params: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor | RowStream:
     if isinstance(x, ImageStream):  # each batch is cropped and flipped as it is read
         return x.with_views(params)
+    if isinstance(x, RowStream):
+        raise DistillError("augment applies to images", code="invalid_config")
     with torch.no_grad():
         parts = [apply_views(x[i : i + chunk], params[i : i + chunk]) for i in range(0, len(x), chunk)]
     return torch.cat(parts)
@@ -179,7 +182,7 @@ def _stage_settings(loaded: Loaded, config: DistillConfig, device: torch.device)
 def _batch_rows(loaded: Loaded) -> int:
     if loaded.text is not None:
         return TEXT_SOFT_LABEL_BATCH
-    return loaded.x.batch_rows(SOFT_LABEL_BATCH) if isinstance(loaded.x, ImageStream) else SOFT_LABEL_BATCH
+    return loaded.x.batch_rows(SOFT_LABEL_BATCH) if isinstance(loaded.x, RowStream) else SOFT_LABEL_BATCH
 
 
 @contextlib.contextmanager

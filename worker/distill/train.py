@@ -33,10 +33,10 @@ from worker.distill.augment import apply_views
 from worker.distill.checkpoints import capture_rng, load_latest_checkpoint, restore_rng, save_checkpoint
 from worker.distill.config import DistillConfig
 from worker.distill.errors import ConfigError
-from worker.distill.image_stream import ImageStream
 from worker.distill.losses import METHODS, LossFn, hard_label_ce
 from worker.distill.replicas import SINGLE, Replicas, StopPoll
 from worker.distill.softlabels import SparseLogits
+from worker.distill.streams import RowStream
 
 STOP_CHECK_SECONDS = 5.0  # how often a running epoch asks `stop()`; the service's hook may query a database
 CHECKPOINT_SECONDS = 300.0  # at most this much work is lost to a crash mid-epoch (one process)
@@ -79,7 +79,7 @@ class TensorData:
     teacher_logits: (N, C) float32 or float16 for the same rows, or None; views: augmented views to train on
     instead of x (and their teacher logits instead of teacher_logits), or None."""
 
-    x: Tensor | ImageStream  # a stream: rows read a batch at a time by loader processes (image_stream.py)
+    x: Tensor | RowStream  # a stream: rows read a batch at a time by loader processes (image_stream.py)
     y: Tensor
     teacher_logits: Targets | None = None
     views: Views | None = None
@@ -153,7 +153,7 @@ def train(
 
     # Hold everything on the device when it fits: indexing on-device beats any loader.
     # A stream's rows never are: its loader hands each batch over as it is read.
-    on_device = not isinstance(x, ImageStream) and _fits_on(device, x, y, targets, views)
+    on_device = not isinstance(x, RowStream) and _fits_on(device, x, y, targets, views)
     if on_device and isinstance(x, Tensor):
         x, y = x.to(device), y.to(device)
         targets = None if targets is None else targets.to(device)
@@ -214,7 +214,7 @@ def train(
             predicted = torch.full((seen,), -2, dtype=torch.long, device=device)  # -2: another process's row
         perm = perm.to(device) if on_device else perm
         streamed = None  # a stream: this epoch's remaining batches, read ahead by the loader's processes
-        if isinstance(x, ImageStream):
+        if isinstance(x, RowStream):
             cut = [perm[s * batch_size : (s + 1) * batch_size] for s in range(first, steps_per_epoch)]
             streamed = x.batches([replicas.shard(batch)[0] for batch in cut], device=device)
 
@@ -319,7 +319,7 @@ def train(
 class _Rows:
     """What one run trains on: all rows with the teacher's logits, or only the labelled rows without."""
 
-    x: Tensor | ImageStream
+    x: Tensor | RowStream
     y: Tensor
     targets: Targets | None  # the teacher's logits for these rows; None when training on labels alone
     temperature: float | None
@@ -436,9 +436,9 @@ def evaluate(
     }
 
 
-def _eval_batches(x: Tensor | ImageStream, n: int, device: torch.device) -> Iterator[Tensor]:
+def _eval_batches(x: Tensor | RowStream, n: int, device: torch.device) -> Iterator[Tensor]:
     """Rows 0..n of `x` in EVAL_BATCH batches: cut from a tensor, or read from a stream (to `device`)."""
-    if isinstance(x, ImageStream):
+    if isinstance(x, RowStream):
         rows = x.batch_rows(EVAL_BATCH)
         return x.batches([range(s, min(n, s + rows)) for s in range(0, n, rows)], device=device)
     return (x[s : s + EVAL_BATCH] for s in range(0, n, EVAL_BATCH))
@@ -531,7 +531,7 @@ def _fits_on(device: torch.device, *tensors: Tensor | SparseLogits | Views | Non
 def _to_device(data: TensorData | None, device: torch.device) -> TensorData | None:
     if data is None or len(data) == 0:
         return None
-    if isinstance(data.x, ImageStream) or not _fits_on(device, data.x):
+    if isinstance(data.x, RowStream) or not _fits_on(device, data.x):
         return data  # evaluate() moves each batch
     t = None if data.teacher_logits is None else data.teacher_logits.to(device)
     return TensorData(data.x.to(device), data.y.to(device), t)
