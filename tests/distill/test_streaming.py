@@ -338,3 +338,25 @@ def test_a_parquet_table_streams_row_group_by_row_group_to_the_in_memory_result(
         load_inputs(Work(_prepared(tmp_path / "nan", teacher, tmp_path / "nan.parquet")), streamed_cfg)
     assert info.value.code == "non_finite" and "row 20" in info.value.message
     forget_loaded_inputs()
+
+
+def test_an_uncompressed_npz_is_mapped_in_place_and_trains_like_the_in_memory_one(tmp_path: Path) -> None:
+    """uint8 images in an np.savez file: mapped where they lie (uint8 until the batch), the same student;
+    a compressed NPZ is not mapped (it is read whole, under the decode cap)."""
+    from worker.distill.table_stream import TableStream, npz_should_stream
+
+    x, y = bars(120)
+    data = tmp_path / "images.npz"
+    np.savez(data, x=x[:, None], y=y, x_val=x[:20, None], y_val=y[:20])
+    np.savez_compressed(tmp_path / "packed.npz", x=x[:, None], y=y)
+    assert npz_should_stream(data, "always") and not npz_should_stream(data, "auto")  # 69 KB: in memory
+    assert not npz_should_stream(tmp_path / "packed.npz", "always")
+    teacher = write_teacher(tmp_path / "teacher.pt")
+    loaded, _ = load_inputs(Work(_prepared(tmp_path / "probe", teacher, data)), config(streaming="always"))
+    assert isinstance(loaded.x, TableStream) and loaded.x.dtype == "|u1" and loaded.x.offset
+    forget_loaded_inputs()
+    streamed = run_job(tmp_path / "streamed", teacher, data, config(streaming="always"))  # 2 stored views
+    whole = run_job(tmp_path / "whole", teacher, data, config(streaming="never"))
+    weights = [torch.load(Work(tmp_path / n).checkpoints / "student.pt") for n in ("streamed", "whole")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert streamed["student"]["accuracy"] == whole["student"]["accuracy"]

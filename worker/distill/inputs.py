@@ -38,7 +38,12 @@ from worker.distill.preprocess import PreprocessModule
 from worker.distill.softlabels import load_soft_labels, load_sparse_soft_labels, read_manifest, sha256_file
 from worker.distill.streams import RowStream, StreamedData
 from worker.distill.students import build_student, load_student_init
-from worker.distill.table_stream import open_table_stream, table_should_stream
+from worker.distill.table_stream import (
+    npz_should_stream,
+    open_npz_stream,
+    open_table_stream,
+    table_should_stream,
+)
 from worker.distill.teachers import Teacher, check_compatible, load_teacher
 from worker.distill.text_cls_data import TextStats, check_text_dataset, load_text_classification
 from worker.distill.text_students import TEXT_STUDENTS, build_text_student, is_text_student
@@ -183,6 +188,9 @@ def _load(work: Work, config: DistillConfig) -> tuple[Loaded, nn.Module]:
         streamed = open_image_stream(dataset_paths[0], val_path=val_path)
         if streamed is not None:
             return _load_streamed(work, config, teacher_paths, dataset_paths + val_paths, streamed)
+    if val_path is None and npz_should_stream(dataset_paths[0], config.streaming):
+        mapped = open_npz_stream(dataset_paths[0])
+        return _load_streamed(work, config, teacher_paths, dataset_paths, mapped)
     if table_should_stream(dataset_paths[0], config.streaming, config.label_column):
         cache = Path(work.root) / STREAM_CACHE
         table = open_table_stream(dataset_paths[0], config.label_column, cache)
@@ -251,6 +259,12 @@ def _load_streamed(
 ) -> tuple[Loaded, nn.Module]:
     """An image dataset read a batch at a time (image_stream.py): the same checks, split and preprocessing
     as the in-memory path, on an index instead of decoded rows."""
+    if config.augment is not None and len(data.feature_shape) != 3:
+        raise ConfigError(
+            f"augment applies to images (rows of C x H x W); this dataset's rows have shape "
+            f"{tuple(data.feature_shape)}",
+            field="augment",
+        )
     teacher = load_teacher(teacher_paths, config, input_shape=data.feature_shape)
     if data.x_val is None and config.val_fraction > 0:
         val_rows = holdout_rows(data.y, config.val_fraction, config.seed)

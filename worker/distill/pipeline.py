@@ -27,7 +27,6 @@ from worker.distill.augment import Augment, apply_views, view_params_name, view_
 from worker.distill.config import DistillConfig
 from worker.distill.distill_stage import distill
 from worker.distill.errors import DistillError
-from worker.distill.image_stream import ImageStream
 from worker.distill.inputs import Loaded, load_inputs
 from worker.distill.outputs import evaluate, export, report_path
 from worker.distill.progress import Progress, emit
@@ -111,10 +110,8 @@ def _views(w: Work, loaded: Loaded, config: DistillConfig) -> dict[str, torch.Te
 def _augmented(
     x: torch.Tensor | RowStream, params: torch.Tensor, chunk: int = 4096
 ) -> torch.Tensor | RowStream:
-    if isinstance(x, ImageStream):  # each batch is cropped and flipped as it is read
+    if isinstance(x, RowStream):  # each batch is cropped and flipped as it is read
         return x.with_views(params)
-    if isinstance(x, RowStream):
-        raise DistillError("augment applies to images", code="invalid_config")
     with torch.no_grad():
         parts = [apply_views(x[i : i + chunk], params[i : i + chunk]) for i in range(0, len(x), chunk)]
     return torch.cat(parts)

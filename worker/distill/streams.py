@@ -38,6 +38,10 @@ class RowStream(ABC):
     def with_transform(self, transform: Transform | None) -> RowStream: ...
 
     @abstractmethod
+    def with_views(self, params: Tensor) -> RowStream:
+        """Each row cropped and flipped by its (5,) parameters (augment.py) as it is read: images only."""
+
+    @abstractmethod
     def batches(
         self, lists: Sequence[Rows], workers: int | None = None, device: torch.device | None = None
     ) -> Iterator[Tensor]: ...
