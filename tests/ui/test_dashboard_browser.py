@@ -33,6 +33,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 if not (Path(CHROMIUM).exists() and CHROMEDRIVER):
     pytest.skip("Debian's chromium and chromium-driver are not installed", allow_module_level=True)
 
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service as DriverService  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -261,7 +262,8 @@ def submit_form(driver: Any, teacher: Path, dataset: Path, fields: dict[str, str
         driver.find_element(By.ID, name).clear()
         driver.find_element(By.ID, name).send_keys(value)
     driver.find_element(By.ID, "start").click()
-    WebDriverWait(driver, 30).until(
+    # The page navigates away on success: an element read mid-navigation is stale, so try again.
+    WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,)).until(
         lambda d: "/ui/jobs/job_" in d.current_url or d.find_element(By.ID, "form-error").text
     )
     assert "/ui/jobs/job_" in driver.current_url, driver.find_element(By.ID, "form-error").text
@@ -295,21 +297,39 @@ def test_the_form_follows_the_task_and_posts_its_text_settings(browser: Any, tmp
                     "text data": browser.find_element(By.CSS_SELECTOR, "#text-data legend").text,
                 }
 
+            def settled(expected: dict[str, Any]) -> dict[str, Any]:
+                """The form once it shows `expected` (or after 10 s): changing the task re-renders the method
+                options, and an option read mid-render is stale. The form as last read, for the assert."""
+                seen: dict[str, Any] = {}
+
+                def shows(_: Any) -> bool:
+                    nonlocal seen
+                    try:
+                        seen = form()
+                    except StaleElementReferenceException:
+                        return False
+                    return seen == expected
+
+                with contextlib.suppress(TimeoutException):
+                    WebDriverWait(browser, 10).until(shows)
+                return seen
+
             classification = {"methods": ["auto", "hinton", "soft_target", "mse_logits", "dkd", "dist"],
                               "student": "mlp:hidden=128", "placeholder": "mlp:hidden=128", "epochs": "10",
                               "text data": "Text data (for text datasets)"}  # fmt: skip
-            assert form() == classification and set(classification["methods"]) == {"auto", *METHODS}
+            assert settled(classification) == classification
+            assert set(classification["methods"]) == {"auto", *METHODS}
             task.select_by_value("causal_lm")
             language_model = {"methods": ["auto", "fkl", "rkl", "gkd"], "student": "causal_lm",
                               "placeholder": "causal_lm", "epochs": "4", "text data": "Text data"}
-            assert form() == language_model  # "ce" is the baseline's loss, not a KD method to offer
+            assert settled(language_model) == language_model  # "ce" is the baseline's loss, not a KD method
             assert set(language_model["methods"]) == {"auto", *LM_METHODS} - {"ce"}
             teacher_input = browser.find_element(By.ID, "teacher")
             assert "GGUF" in teacher_input.find_element(By.XPATH, "..").text
             assert teacher_input.get_attribute("multiple") is None  # one teacher: no ensembles of LMs
             Select(method).select_by_value("gkd")
             task.select_by_value("classification")  # gkd is no classification method: back to auto
-            assert form() == classification and method.get_attribute("value") == "auto"
+            assert settled(classification) == classification and method.get_attribute("value") == "auto"
             # A student typed in stays when the task changes; epochs left at the default follow it.
             browser.find_element(By.ID, "student").clear()
             browser.find_element(By.ID, "student").send_keys("textcnn")
