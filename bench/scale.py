@@ -167,12 +167,15 @@ def _status_kib(field: str) -> int:
     return int(Path("/proc/self/status").read_text().split(f"{field}:")[1].split()[0])
 
 
-def run_stages(shards: Path, teacher_file: Path, job: dict[str, Any]) -> dict[str, Any]:
+def run_stages(
+    shards: Path, teacher_file: Path, job: dict[str, Any], validation: Path | None = None
+) -> dict[str, Any]:
+    """The job's stages in a fresh child process (stages_child); what it reports."""
     from worker.distill.workfolder import prepare_inputs
 
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         work = Path(tmp) / "work"
-        prepare_inputs(work, teachers=[teacher_file], dataset=shards)
+        prepare_inputs(work, teachers=[teacher_file], dataset=shards, validation=validation)
         out = subprocess.run(
             [sys.executable, "-m", "bench.scale", "--child", str(work), json.dumps(job)],
             capture_output=True, text=True, check=False,
@@ -390,7 +393,7 @@ def main() -> None:
                                    "views": 4}),
         ):  # fmt: skip
             job = {**STREAM_JOB, "epochs": 8, "streaming": "auto", **extra}
-            quality[arm] = run_quality(subset, held, teacher_file, job)
+            quality[arm] = run_stages(subset, teacher_file, job, validation=held)
             print(arm, quality[arm], flush=True)
         rows.append(
             "| quality: cnn:channels=8,16, 8 epochs, 10k images, 2k held out | "
@@ -400,21 +403,6 @@ def main() -> None:
     print(f"\n{time.perf_counter() - started:.0f} s in all\n")
     print("| measure | figures | ratio | target |\n| --- | --- | --- | --- |")
     print("\n".join(rows))
-
-
-def run_quality(train: Path, val: Path, teacher_file: Path, job: dict[str, Any]) -> dict[str, Any]:
-    from worker.distill.workfolder import prepare_inputs
-
-    with tempfile.TemporaryDirectory(prefix="scale-q-") as tmp:
-        work = Path(tmp) / "work"
-        prepare_inputs(work, teachers=[teacher_file], dataset=train, validation=val)
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.scale", "--child", str(work), json.dumps(job)],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if out.returncode:
-            raise SystemExit(f"quality child failed:\n{out.stderr[-4000:]}")
-        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,22 @@ def s3_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture
+def stack_env(tmp_path: Path, postgres_url: str, redis_url: str, s3_endpoint: str) -> dict[str, str]:
+    """The production stack's settings as a worker's environment: PostgreSQL, Redis, the S3 server."""
+    return {
+        "DISTILL_ENVIRONMENT": "test",
+        "DISTILL_DATABASE_URL": postgres_url,
+        "DISTILL_BROKER_URL": redis_url,
+        "DISTILL_STORAGE_BACKEND": "s3",
+        "DISTILL_S3_ENDPOINT_URL": s3_endpoint,
+        "DISTILL_S3_BUCKET": "distill-e2e",
+        "DISTILL_S3_ACCESS_KEY_ID": "e2e",
+        "DISTILL_S3_SECRET_ACCESS_KEY": "e2e-secret",
+        "DISTILL_DATA_DIR": str(tmp_path / "worker-data"),
+    }
+
+
+@pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Starts `distill worker` subprocesses (logs: worker-0.log, ...); all are stopped (SIGTERM, then SIGKILL)
     after the test."""

@@ -16,25 +16,13 @@ pytestmark = pytest.mark.e2e
 
 def test_upload_submit_poll_download_on_postgres_redis_s3(
     tmp_path: Path,
-    postgres_url,
-    redis_url,
-    s3_endpoint,
+    stack_env: dict[str, str],
     start_worker,
     problem,
     job_runner,
     evaluate_students,
 ):
-    env = {
-        "DISTILL_ENVIRONMENT": "test",
-        "DISTILL_DATABASE_URL": postgres_url,
-        "DISTILL_BROKER_URL": redis_url,
-        "DISTILL_STORAGE_BACKEND": "s3",
-        "DISTILL_S3_ENDPOINT_URL": s3_endpoint,
-        "DISTILL_S3_BUCKET": "distill-e2e",
-        "DISTILL_S3_ACCESS_KEY_ID": "e2e",
-        "DISTILL_S3_SECRET_ACCESS_KEY": "e2e-secret",
-        "DISTILL_DATA_DIR": str(tmp_path / "worker-data"),
-    }
+    env = stack_env
     # Inference and training on separate worker pools, as in production.
     soft_label_worker = start_worker(child_env(**env), queues="soft_label")
     distill_worker = start_worker(child_env(**env), queues="distill")

@@ -32,19 +32,9 @@ def shard(path: Path, first: int, rows: int) -> bytes:
 
 
 def test_a_job_streams_a_dataset_registered_from_an_s3_prefix(
-    tmp_path: Path, postgres_url: str, redis_url: str, s3_endpoint: str, start_worker
+    tmp_path: Path, stack_env: dict[str, str], s3_endpoint: str, start_worker
 ) -> None:
-    env = {
-        "DISTILL_ENVIRONMENT": "test",
-        "DISTILL_DATABASE_URL": postgres_url,
-        "DISTILL_BROKER_URL": redis_url,
-        "DISTILL_STORAGE_BACKEND": "s3",
-        "DISTILL_S3_ENDPOINT_URL": s3_endpoint,
-        "DISTILL_S3_BUCKET": "distill-e2e",
-        "DISTILL_S3_ACCESS_KEY_ID": "e2e",
-        "DISTILL_S3_SECRET_ACCESS_KEY": "e2e-secret",
-        "DISTILL_DATA_DIR": str(tmp_path / "worker-data"),
-    }
+    env = stack_env
     customer = boto3.client(
         "s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="e2e",
         aws_secret_access_key="e2e-secret",

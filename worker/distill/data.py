@@ -169,18 +169,8 @@ def _attach_validation(dataset: Dataset, val: Dataset) -> None:
             code="ambiguous_dataset",
             field="validation",
         )
-    y_val = val.y
-    if dataset.class_names and val.class_names and val.class_names != dataset.class_names:
-        # ids were assigned per file (sorted names); translate the validation ids into the training ids
-        index = {name: i for i, name in enumerate(dataset.class_names)}
-        unknown = sorted(set(val.class_names) - set(index))
-        if unknown:
-            raise DatasetError(
-                f"validation classes not in train: {', '.join(unknown)}", code="bad_labels", field="y_val"
-            )
-        lookup = np.array([index[name] for name in val.class_names], np.int64)
-        y_val = np.where(val.y >= 0, lookup[np.clip(val.y, 0, None)], -1)
-    dataset.x_val, dataset.y_val = val.x, y_val
+    dataset.x_val = val.x
+    dataset.y_val = formats.translate_labels(val.y, val.class_names, dataset.class_names)
     dataset.num_classes = dataset._classes_seen()
 
 

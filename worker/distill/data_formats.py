@@ -54,6 +54,49 @@ def labels_to_int(values: np.ndarray, field: str) -> np.ndarray:
     )
 
 
+def translate_labels(
+    y_val: np.ndarray, val_names: list[str] | None, train_names: list[str] | None
+) -> np.ndarray:
+    """A separate validation file's class ids in the training ids: each file numbered its sorted class
+    names, so the same name may have another id there. Unknown names are an error."""
+    if not (train_names and val_names) or val_names == train_names:
+        return y_val
+    index = {name: i for i, name in enumerate(train_names)}
+    unknown = sorted(set(val_names) - set(index))
+    if unknown:
+        raise DatasetError(
+            f"validation classes not in train: {', '.join(unknown)}", code="bad_labels", field="y_val"
+        )
+    lookup = np.array([index[name] for name in val_names], np.int64)
+    return np.where(y_val >= 0, lookup[np.clip(y_val, 0, None)], -1)
+
+
+def class_ids(classes: list[str | None], names: list[str] | None) -> tuple[np.ndarray, list[str]]:
+    """Ids of each row's class folder (None: unlabelled, -1) in sorted `names` (found here when None; a
+    validation split's classes must be among the training split's)."""
+    found = sorted({c for c in classes if c is not None})
+    unknown = sorted(set(found) - set(names)) if names is not None else []
+    if unknown:
+        raise DatasetError(
+            f"validation classes not in train: {', '.join(unknown)}", code="bad_labels", field="y_val"
+        )
+    names = found if names is None else names
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index[c] if c is not None else -1 for c in classes], np.int64), names
+
+
+def class_index(key: str, member: str, data: bytes) -> int:
+    """A WebDataset `.cls` member's class index (ASCII digits), or an error naming the sample."""
+    text = data[:32].decode("ascii", "replace").strip()
+    if not text.isdigit():
+        raise DatasetError(
+            f"sample {key!r}: {member} must hold a class index (0, 1, ...), not {text[:20]!r}",
+            code="bad_labels",
+            field="y",
+        )
+    return int(text)
+
+
 def features(values: np.ndarray, field: str) -> np.ndarray:
     if values.dtype.kind not in "iubf":
         raise DatasetError(f"{field} must be numeric, not {values.dtype}", code="bad_dtype", field=field)
@@ -288,15 +331,7 @@ def _read_split(root: Path, names: list[str] | None) -> tuple[np.ndarray, np.nda
             code="empty_dataset",
             field="x",
         )
-    found = sorted({c for _, c in items if c is not None})
-    unknown = sorted(set(found) - set(names)) if names is not None else []
-    if unknown:
-        raise DatasetError(
-            f"validation classes not in train: {', '.join(unknown)}", code="bad_labels", field="y_val"
-        )
-    names = found if names is None else names
-    index = {name: i for i, name in enumerate(names)}
-    y = np.array([index[c] if c is not None else -1 for _, c in items], np.int64)
+    y, names = class_ids([c for _, c in items], names)
     return _decode_images(root, [p for p, _ in items]), y, names
 
 
@@ -326,16 +361,7 @@ def read_webdataset(root: Path) -> Fields:
             if label is not None:
                 raise DatasetError(f"sample {key!r} has a .cls but no image", code="bad_labels", field="y")
             continue
-        value = -1
-        if label is not None:
-            text = label.read_bytes()[:32].decode("ascii", "replace").strip()
-            if not text.isdigit():
-                raise DatasetError(
-                    f"sample {key!r}: {label.name} must hold a class index (0, 1, ...), not {text[:20]!r}",
-                    code="bad_labels",
-                    field="y",
-                )
-            value = int(text)
+        value = -1 if label is None else class_index(key, label.name, label.read_bytes()[:32])
         images.append(image)
         labels.append(value)
     if not images:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.distill.streams import RowStream
+from worker.distill.streams import RowStream, row_batches
 
 LATENCY_BATCH = 256
 WARMUP_RUNS = 2
@@ -50,10 +50,7 @@ def predict(
     fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor | RowStream, batch_size: int = 1024
 ) -> torch.Tensor:
     """Logits (N, C) float32 of `fn` over `x` (rows in memory, or read from a stream), in batches."""
-    batch_size = x.batch_rows(batch_size) if isinstance(x, RowStream) else batch_size
-    lists = [range(i, min(len(x), i + batch_size)) for i in range(0, len(x), batch_size)]
-    batches = x.batches(lists) if isinstance(x, RowStream) else (x[r.start : r.stop] for r in lists)
-    return torch.cat([fn(batch).float() for batch in batches])
+    return torch.cat([fn(batch).float() for batch in row_batches(x, len(x), batch_size)])
 
 
 @torch.inference_mode()

@@ -18,7 +18,6 @@ decoded float32 rows): holding rows on the device beats any loader.
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import tarfile
@@ -32,11 +31,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worker.distill.augment import apply_views
-from worker.distill.data_formats import GREY_MODES, IMAGE_SUFFIXES, VAL_SPLIT_NAMES
+from worker.distill.data_formats import (
+    GREY_MODES,
+    IMAGE_SUFFIXES,
+    VAL_SPLIT_NAMES,
+    class_ids,
+    class_index,
+    translate_labels,
+)
 from worker.distill.data_limits import GiB
 from worker.distill.errors import DatasetError
-from worker.distill.streams import Rows, RowStream, StreamedData, Transform, positions
+from worker.distill.streams import Rows, RowStream, StreamedData, Transform, positions, prepared, transform_on
 
 STREAM_ABOVE_BYTES = 1 * GiB  # "auto": image datasets whose decoded float32 rows are larger stream
 MAX_MEMBER_BYTES = 64 << 20  # one image file
@@ -239,27 +244,14 @@ class ImageStream(RowStream):
     ) -> Iterator[Tensor]:
         """One float32 batch per list of rows, in order: decoded as `pixel_batches`, then moved to `device`
         (uint8: a quarter of the bytes) and made float, transformed and viewed there."""
-        on_device = device is not None and device.type != "cpu"
-        transform = self.transform
-        if on_device and isinstance(transform, torch.nn.Module):
-            transform = copy.deepcopy(transform).to(device)  # the job's own module stays where it is
+        transform = transform_on(self.transform, device)
         for index, pixels in zip(lists, self.pixel_batches(lists, workers), strict=True):
-            if on_device:
-                pixels = pixels.pin_memory().to(device, non_blocking=True)
-            yield self._prepared(pixels, np.asarray(index, np.int64), transform)
+            yield prepared(pixels, index, transform, self.views, device)
 
     def raw(self, index: slice) -> Tensor:
         """These rows as float32 pixel values, not transformed: the dataset as the user gave it."""
         return replace(self, transform=None, views=None).decode(index)
 
-    def _prepared(self, pixels: Tensor, rows: np.ndarray, transform: Transform | None) -> Tensor:
-        with torch.no_grad():
-            x = pixels.float()
-            if transform is not None:
-                x = transform(x)
-            if self.views is not None:
-                x = apply_views(x, self.views[torch.as_tensor(rows)].to(x.device))
-        return x
 
 
 # -- Indexing -----------------------------------------------------------------------------------------------
@@ -378,40 +370,46 @@ def _is_image(name: str) -> bool:
 
 def should_stream(path: Path, val_path: Path | None, streaming: str) -> bool:
     """`streaming` "always": any streamable image dataset, and a folder of WebDataset shards whatever the
-    setting but "never"; "auto": one whose decoded float32 rows would take
-    more than STREAM_ABOVE_BYTES (estimated from the member count and the first image's header, cheaply;
-    anything unreadable is left to the path that reads it to report)."""
+    setting but "never"; "auto": one whose decoded float32 rows would take more than STREAM_ABOVE_BYTES
+    (estimated from the member count and the first image's header; anything unreadable is left to the
+    in-memory reader to report)."""
+    return _listing_to_stream(path, val_path, streaming) is not None
+
+
+def _listing_to_stream(path: Path, val_path: Path | None, streaming: str) -> _Listing | None:
+    """The dataset's listing when it is to stream (see `should_stream`), else None: listed once for both
+    the decision and the index."""
     if streaming == "never":
-        return False
-    containers = streamable(path)
-    if containers is None:
-        return False
-    if streaming == "always" or (Path(path).is_dir() and containers[0][0] == "tar"):
-        return True  # a folder of shards has no in-memory reader
-    from PIL import Image
-
-    try:
-        total = 0
-        for containers_of in [containers, *([streamable(val_path) or []] if val_path else [])]:
-            listing = _list(containers_of)
-            images = [i for i, n in enumerate(listing.names) if _is_image(n)]
-            if not images:
-                continue
-            with Image.open(io.BytesIO(_Reader(listing.members()).read(images[0], HEADER_BYTES))) as im:
-                (width, height), channels = im.size, 1 if im.mode in GREY_MODES else 3
-            total += len(images) * channels * height * width * 4
-    except (DatasetError, OSError, ValueError, EOFError, Image.DecompressionBombError):
-        return False
-    return total > STREAM_ABOVE_BYTES
-
-
-def open_image_stream(path: Path, *, val_path: Path | None = None) -> StreamedData | None:
-    """Index an image dataset for streaming; None when its format is read whole (see `streamable`) or it
-    holds no images (a zipped CSV)."""
+        return None
     containers = streamable(path)
     if containers is None:
         return None
-    listing = _list(containers)
+    if streaming == "always" or (Path(path).is_dir() and containers[0][0] == "tar"):
+        return _list(containers)  # a folder of shards has no in-memory reader
+    from PIL import Image
+
+    try:
+        listing = _list(containers)
+        total = 0
+        for found in [listing, *([_list(streamable(val_path) or [])] if val_path else [])]:
+            images = [i for i, n in enumerate(found.names) if _is_image(n)]
+            if images:
+                with Image.open(io.BytesIO(_Reader(found.members()).read(images[0], HEADER_BYTES))) as im:
+                    (width, height), channels = im.size, 1 if im.mode in GREY_MODES else 3
+                total += len(images) * channels * height * width * 4
+    except (DatasetError, OSError, ValueError, EOFError, Image.DecompressionBombError):
+        return None
+    return listing if total > STREAM_ABOVE_BYTES else None
+
+
+def open_image_stream(
+    path: Path, *, val_path: Path | None = None, streaming: str = "always"
+) -> StreamedData | None:
+    """Index an image dataset for streaming; None when it is not to stream (`should_stream`), its format is
+    read whole (see `streamable`) or it holds no images (a zipped CSV)."""
+    listing = _listing_to_stream(path, val_path, streaming)
+    if listing is None:
+        return None
     members = listing.members()
     if any(n.endswith(".cls") and not _hidden(n) for n in listing.names):
         splits, names = {"train": _webdataset_rows(listing, _Reader(members))}, None
@@ -455,17 +453,7 @@ def _attach_validation(data: StreamedData, val_path: Path) -> StreamedData:
             code="val_shape_mismatch",
             field="x_val",
         )
-    y_val = val.y
-    if data.class_names and val.class_names and val.class_names != data.class_names:
-        index = {name: i for i, name in enumerate(data.class_names)}
-        unknown = sorted(set(val.class_names) - set(index))
-        if unknown:
-            raise DatasetError(
-                f"validation classes not in train: {', '.join(unknown)}", code="bad_labels", field="y_val"
-            )
-        lookup = np.array([index[name] for name in val.class_names], np.int64)
-        y_val = np.where(val.y >= 0, lookup[np.clip(val.y, 0, None)], -1)
-    return replace(data, x_val=val.x, y_val=y_val)
+    return replace(data, x_val=val.x, y_val=translate_labels(val.y, val.class_names, data.class_names))
 
 
 def _webdataset_rows(listing: _Listing, reader: _Reader) -> tuple[np.ndarray, np.ndarray]:
@@ -488,17 +476,7 @@ def _webdataset_rows(listing: _Listing, reader: _Reader) -> tuple[np.ndarray, np
             if label is not None:
                 raise DatasetError(f"sample {key!r} has a .cls but no image", code="bad_labels", field="y")
             return
-        value = -1
-        if label is not None:
-            text = reader.read(label, 32).decode("ascii", "replace").strip()
-            if not text.isdigit():
-                raise DatasetError(
-                    f"sample {key!r}: {listing.names[label]} must hold a class index (0, 1, ...), not "
-                    f"{text[:20]!r}",
-                    code="bad_labels",
-                    field="y",
-                )
-            value = int(text)
+        value = -1 if label is None else class_index(key, listing.names[label], reader.read(label, 32))
         rows.append(image)
         labels.append(value)
         keys.append(key)
@@ -559,17 +537,8 @@ def _split_rows(
         raise DatasetError(
             f"no .png/.jpg images under {where}; expected class_name/*.png", code="empty_dataset", field="x"
         )
-    found = sorted({c for _, c in items if c is not None})
-    unknown = sorted(set(found) - set(names)) if names is not None else []
-    if unknown:
-        raise DatasetError(
-            f"validation classes not in train: {', '.join(unknown)}", code="bad_labels", field="y_val"
-        )
-    names = found if names is None else names
-    index = {name: i for i, name in enumerate(names)}
-    rows = np.asarray([images[p] for p, _ in items], np.int64)
-    labels = np.asarray([index[c] if c is not None else -1 for _, c in items], np.int64)
-    return (rows, labels), names
+    labels, names = class_ids([c for _, c in items], names)
+    return (np.asarray([images[p] for p, _ in items], np.int64), labels), names
 
 
 def _check_headers(members: Members, splits: list[np.ndarray]) -> tuple[int, int, int]:

@@ -31,9 +31,10 @@ from worker.distill.data import (
     validate_dataset,
     validate_labels,
 )
+from worker.distill.data_formats import translate_labels
 from worker.distill.errors import ConfigError, DatasetError, DistillError, MismatchError, TeacherError
 from worker.distill.evaluate import count_parameters
-from worker.distill.image_stream import open_image_stream, should_stream
+from worker.distill.image_stream import open_image_stream
 from worker.distill.preprocess import PreprocessModule
 from worker.distill.softlabels import load_soft_labels, load_sparse_soft_labels, read_manifest, sha256_file
 from worker.distill.streams import RowStream, StreamedData
@@ -184,10 +185,9 @@ def _load(work: Work, config: DistillConfig) -> tuple[Loaded, nn.Module]:
             field="student",
         )
     val_path = val_paths[0] if val_paths else None
-    if should_stream(dataset_paths[0], val_path, config.streaming):
-        streamed = open_image_stream(dataset_paths[0], val_path=val_path)
-        if streamed is not None:
-            return _load_streamed(work, config, teacher_paths, dataset_paths + val_paths, streamed)
+    streamed = open_image_stream(dataset_paths[0], val_path=val_path, streaming=config.streaming)
+    if streamed is not None:
+        return _load_streamed(work, config, teacher_paths, dataset_paths + val_paths, streamed)
     if val_path is None and npz_should_stream(dataset_paths[0], config.streaming):
         mapped = open_npz_stream(dataset_paths[0])
         return _load_streamed(work, config, teacher_paths, dataset_paths, mapped)
@@ -241,16 +241,7 @@ def _with_validation(data: StreamedData, val: StreamedData) -> StreamedData:
             code="val_shape_mismatch",
             field="x_val",
         )
-    y_val = val.y
-    if data.class_names and val.class_names and val.class_names != data.class_names:
-        index = {name: i for i, name in enumerate(data.class_names)}
-        unknown = sorted(set(val.class_names) - set(index))
-        if unknown:
-            raise DatasetError(
-                f"validation classes not in train: {', '.join(unknown)}", code="bad_labels", field="y_val"
-            )
-        lookup = np.array([index[name] for name in val.class_names], np.int64)
-        y_val = np.where(val.y >= 0, lookup[np.clip(val.y, 0, None)], -1)
+    y_val = translate_labels(val.y, val.class_names, data.class_names)
     return dataclasses.replace(data, x_val=val.x, y_val=y_val)
 
 

@@ -9,6 +9,7 @@ stored view) on `device`.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
+from worker.distill.augment import apply_views
 
 BATCH_BYTES = 16 << 20  # the largest float32 batch a stage reads at once (training batches are the config's)
 Transform = Callable[[Tensor], Tensor]
@@ -67,6 +70,40 @@ class RowStream(ABC):
         """These rows, read here and prepared (a few rows: the preflight, samples)."""
         rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, np.int64)
         return next(self.batches([rows], workers=0))
+
+
+def transform_on(transform: Transform | None, device: torch.device | None) -> Transform | None:
+    """`transform` for batches on `device`: a module is copied there (the job's own stays where it is)."""
+    if device is None or device.type == "cpu" or not isinstance(transform, torch.nn.Module):
+        return transform
+    return copy.deepcopy(transform).to(device)
+
+
+def prepared(
+    x: Tensor, rows: Rows, transform: Transform | None, views: Tensor | None, device: torch.device | None
+) -> Tensor:
+    """One batch as read (any dtype, on the CPU) made ready: moved to `device` as it is (uint8 pixels are a
+    quarter of the bytes), made float32, transformed, and cropped/flipped to each row's stored view."""
+    if device is not None and device.type != "cpu":
+        x = x.pin_memory().to(device, non_blocking=True)
+    with torch.no_grad():  # a value, never a generator suspended here: the caller keeps autograd
+        x = x.float()
+        if transform is not None:
+            x = transform(x)
+        if views is not None:
+            x = apply_views(x, views[torch.as_tensor(np.asarray(rows, np.int64))].to(x.device))
+    return x
+
+
+def row_batches(
+    x: Tensor | RowStream, n: int, batch: int, device: torch.device | None = None
+) -> Iterator[Tensor]:
+    """Rows 0..n of `x` in order, at most `batch` at a time: cut from a tensor, or read from a stream
+    (fewer rows per batch where its rows are large; see `batch_rows`)."""
+    if isinstance(x, RowStream):
+        rows = x.batch_rows(batch)
+        return x.batches([range(s, min(n, s + rows)) for s in range(0, n, rows)], device=device)
+    return (x[s : s + batch] for s in range(0, n, batch))
 
 
 def positions(n: int, index: Tensor | np.ndarray | slice) -> np.ndarray:

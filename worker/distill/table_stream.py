@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worker.distill.augment import apply_views
 from worker.distill.data_formats import labels_to_int
 from worker.distill.errors import DatasetError
-from worker.distill.streams import Rows, RowStream, StreamedData, Transform, positions
+from worker.distill.streams import Rows, RowStream, StreamedData, Transform, positions, prepared, transform_on
 
 STREAM_ABOVE_BYTES = 1 << 30  # "auto": tables whose float32 features are larger stream
 
@@ -100,24 +99,16 @@ class TableStream(RowStream):
     def batches(
         self, lists: Sequence[Rows], workers: int | None = None, device: torch.device | None = None
     ) -> Iterator[Tensor]:
-        on_device = device is not None and device.type != "cpu"
-        for index in lists:
-            x = self._read(np.asarray(index, np.int64))
-            if on_device:
-                x = x.to(device, non_blocking=True)
-            with torch.no_grad():  # never yield inside: the caller would run without autograd
-                if self.transform is not None:
-                    x = self.transform(x)
-                if self.views is not None:
-                    x = apply_views(x, self.views[torch.as_tensor(np.asarray(index, np.int64))].to(x.device))
-            yield x
+        transform = transform_on(self.transform, device)
+        for index in lists:  # as stored (uint8 images stay uint8) until `prepared`
+            yield prepared(self._read(np.asarray(index, np.int64)), index, transform, self.views, device)
 
     def raw(self, index: slice) -> Tensor:
-        return self._read(positions(len(self), index))
+        return self._read(positions(len(self), index)).float()
 
     def _read(self, index: np.ndarray) -> Tensor:
         array = _mapped(self.path, self.offset, self.dtype, self.array_shape)
-        return torch.from_numpy(np.ascontiguousarray(array[self.rows[index]], dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray(array[self.rows[index]]))
 
 
 # -- NPZ ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from worker.distill.errors import ConfigError
 from worker.distill.losses import METHODS, LossFn, hard_label_ce
 from worker.distill.replicas import SINGLE, Replicas, StopPoll
 from worker.distill.softlabels import SparseLogits
-from worker.distill.streams import RowStream
+from worker.distill.streams import RowStream, row_batches
 
 STOP_CHECK_SECONDS = 5.0  # how often a running epoch asks `stop()`; the service's hook may query a database
 CHECKPOINT_SECONDS = 300.0  # at most this much work is lost to a crash mid-epoch (one process)
@@ -417,7 +417,7 @@ def evaluate(
     teacher = None if data.teacher_logits is None else data.teacher_logits[mine]
     correct = agree = n_labelled = 0
     start = 0
-    for xb in _eval_batches(x, len(labels), device):
+    for xb in row_batches(x, len(labels), EVAL_BATCH, device):
         rows = slice(start, start + len(xb))
         start += len(xb)
         with autocast or contextlib.nullcontext():
@@ -434,14 +434,6 @@ def evaluate(
         "val_acc": correct / n_labelled if n_labelled else None,
         "agreement": agree / len(data) if data.teacher_logits is not None and len(data) else None,
     }
-
-
-def _eval_batches(x: Tensor | RowStream, n: int, device: torch.device) -> Iterator[Tensor]:
-    """Rows 0..n of `x` in EVAL_BATCH batches: cut from a tensor, or read from a stream (to `device`)."""
-    if isinstance(x, RowStream):
-        rows = x.batch_rows(EVAL_BATCH)
-        return x.batches([range(s, min(n, s + rows)) for s in range(0, n, rows)], device=device)
-    return (x[s : s + EVAL_BATCH] for s in range(0, n, EVAL_BATCH))
 
 
 # The config fields that change the trajectory, besides those _run_identity names itself.
